@@ -1,0 +1,49 @@
+# agreelens: `make run` reproduces the study on the default profile, `make test` runs the tests.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export BENTOML_DO_NOT_TRACK := true
+export HF_HUB_OFFLINE := 1
+export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export BENTOML_HOME ?= $(CURDIR)/.bentoml
+
+.PHONY: run test install data repro report bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@if $(PY) -m pip list 2>/dev/null | grep -iE '^(nvidia-(?!ml-py)|triton)' -P; then \
+	  echo "error: CUDA wheels were installed; see README (torch must stay CPU)"; exit 1; fi
+	touch $@
+
+install: $(VENV)/.installed
+
+# data/ from the committed compressed corpora, when no DVC remote has it
+data: install
+	$(BIN)/agreelens data
+	@$(BIN)/dvc status data.dvc
+
+repro: data
+	$(BIN)/dvc repro
+
+run: repro
+	$(BIN)/agreelens report
+
+report: install
+	$(BIN)/agreelens report
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/train_throughput.py
+
+clean:
+	rm -rf prepared models checkpoints metrics plots reports/figures

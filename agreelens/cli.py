@@ -1,0 +1,140 @@
+"""``agreelens`` command line: one command per pipeline stage (the entry points ``dvc.yaml`` calls)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from agreelens.config import ParamsError, load_params
+from agreelens.tracking import setup_env
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="agreelens: how an LSTM LM trained on learner English tracks subject-verb agreement.",
+)
+console = Console()
+err_console = Console(stderr=True)
+
+ParamsOpt = typer.Option("params.yaml", "--params", help="settings file (the one source of truth)")
+ProfileOpt = typer.Option(None, "--profile", help="profile of params.yaml to apply (default: its `profile` key)")
+
+
+def _params(path: str, profile: Optional[str]):
+    setup_env()
+    try:
+        return load_params(path, profile)
+    except ParamsError as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+
+
+def _fail(err: Exception) -> None:
+    err_console.print(f"[red]error:[/red] {err}")
+    raise typer.Exit(1)
+
+
+@app.command()
+def data(
+    root: str = typer.Option("data", help="where the corpora go (DVC-tracked by data.dvc)"),
+    archives: str = typer.Option("corpora", help="folder of the committed compressed corpora"),
+) -> None:
+    """Stage 0: restore data/ from the compressed corpora in the repository (no remote needed)."""
+    from agreelens.data import restore
+
+    try:
+        restored = restore(root, archives)
+    except (OSError, ValueError) as err:
+        _fail(err)
+    console.print(f"restored: {', '.join(restored)}" if restored else f"{root}/ already present; nothing restored")
+
+
+@app.command()
+def prepare(params: str = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """Stage 1: sentence split, tokenize, split by document, build the vocabulary, write statistics."""
+    from agreelens.corpus import CorpusError, prepare as run_prepare
+
+    p = _params(params, profile)
+    try:
+        stats = run_prepare(p, progress=lambda m: console.print(f"[dim]{m}[/dim]"))
+    except CorpusError as err:
+        _fail(err)
+    t = Table(title=f"prepared corpus (vocabulary {stats['vocab_size']})")
+    for col in ("split", "sentences", "tokens", "types", "OOV rate"):
+        t.add_column(col, justify="right")
+    rows = {**stats["splits"], **{f"train_{k}": v for k, v in stats["models"].items()}}
+    for name, s in rows.items():
+        t.add_row(name, f"{s['sentences']:,}", f"{s['tokens']:,}", f"{s['types']:,}", f"{s['oov_rate']:.2%}")
+    console.print(t)
+
+
+@app.command()
+def train(
+    model: str = typer.Option(..., "--model", "-m", help="which model: a key of prepare.sizes (small, large)"),
+    params: str = ParamsOpt,
+    profile: Optional[str] = ProfileOpt,
+) -> None:
+    """Stage 2: train one LSTM LM (resumes from its checkpoint after an interruption)."""
+    from agreelens.train import train as run_train
+
+    p = _params(params, profile)
+    try:
+        summary = run_train(p, model)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(err)
+    console.print(
+        f"[green]{model}[/green]: best valid PPL {summary['best_valid_ppl']:.1f} after {summary['epochs']:.2f} epochs, "
+        f"{summary['train_seconds'] / 60:.1f} min, {summary['tokens_per_second']:,} tok/s -> models/{model}"
+    )
+
+
+@app.command()
+def evaluate(params: str = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """Stage 3: test perplexity of every model, learning-curve figure."""
+    from agreelens.evaluate import evaluate as run_evaluate
+
+    p = _params(params, profile)
+    try:
+        run_evaluate(p)
+    except FileNotFoundError as err:
+        _fail(err)
+    report()
+
+
+@app.command()
+def report(metrics: str = typer.Option("metrics", help="folder of the pipeline's metrics")) -> None:
+    """Print the results table from the pipeline's metrics."""
+    folder = Path(metrics)
+    path = folder / "eval.json"
+    if not path.is_file():
+        _fail(FileNotFoundError(f"{path}: no results yet; run `dvc repro` (or `make run`)"))
+    results = json.loads(path.read_text())
+    t = Table(title="agreelens results (paper: small 110.2 PPL / 89.3 % NA, large 51.0 PPL / 99.57 % NA)")
+    for col in ("model", "train tokens", "epochs", "train min", "valid PPL", "test PPL", "NA accuracy"):
+        t.add_column(col, justify="right")
+    for name, r in results.items():
+        na = folder / f"na_{name}.json"
+        na_acc = f"{json.loads(na.read_text())['accuracy']:.1%}" if na.is_file() else "-"
+        t.add_row(
+            name, f"{r.get('train_tokens', 0):,}", f"{r.get('epochs', 0):.2f}", f"{r.get('train_seconds', 0) / 60:.1f}",
+            f"{r.get('best_valid_ppl', float('nan')):.1f}", f"{r['test_ppl']:.1f}", na_acc,
+        )
+    console.print(t)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err_console.print("interrupted; run the same command again to resume")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

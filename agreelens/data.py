@@ -1,0 +1,37 @@
+"""Restore ``data/`` from the compressed copies committed in ``corpora/``.
+
+``data/`` is DVC-tracked (``data.dvc``). A clone that reaches no DVC remote rebuilds it here,
+byte-identical to what ``data.dvc`` records, so ``dvc status`` is clean and ``dvc repro`` works.
+Existing corpus folders are never overwritten: text a user added stays.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+from pathlib import Path
+
+
+def restore(root: str | Path = "data", archives: str | Path = "corpora") -> list[str]:
+    """Extract every ``corpora/<name>.tar.xz`` whose ``data/<name>`` folder is absent."""
+    root, archives = Path(root), Path(archives)
+    found = sorted(archives.glob("*.tar.xz"))
+    if not found:
+        raise FileNotFoundError(f"{archives}: no *.tar.xz corpus archives; is this an agreelens checkout?")
+    restored = []
+    for archive in found:
+        name = archive.name.removesuffix(".tar.xz")
+        if (root / name).exists():
+            continue
+        with tarfile.open(archive) as tar:
+            prefix = f"{root.name}/"
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(root, members=members, filter="data")
+        restored.append(name)
+    sources = archives / "SOURCES.md"
+    if sources.is_file() and not (root / "SOURCES.md").exists():
+        shutil.copyfile(sources, root / "SOURCES.md")
+        restored.append("SOURCES.md")
+    return restored

@@ -1,0 +1,131 @@
+"""Word-level LSTM language model of Gulordava et al. (2018).
+
+Embedding -> dropout -> n-layer LSTM -> dropout -> decoder (untied). The decoder is the paper's linear
+layer + softmax (``softmax: full``) or torch's adaptive softmax (``softmax: adaptive``; Grave et al.
+2017), which makes CPU training several times faster on a large vocabulary. Tensors are time-major,
+``(T, B)``, as in pytorch/examples word_language_model.
+
+A saved model is a directory: ``model.safetensors`` (tensors only), ``config.json`` (architecture)
+and ``vocab.txt``. It is never a pickled module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from agreelens.config import ModelConfig
+from agreelens.vocab import Vocab
+
+Hidden = tuple[torch.Tensor, torch.Tensor]
+
+
+class RNNModel(nn.Module):
+    def __init__(self, vocab_size: int, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.drop = nn.Dropout(cfg.dropout)
+        self.encoder = nn.Embedding(vocab_size, cfg.emb_size)
+        self.rnn = nn.LSTM(
+            cfg.emb_size, cfg.hidden_size, cfg.layers, dropout=cfg.dropout if cfg.layers > 1 else 0.0
+        )
+        if cfg.softmax == "adaptive":
+            cutoffs = [c for c in cfg.cutoffs if 0 < c < vocab_size - 1]
+            if not cutoffs:
+                raise ValueError(f"model.cutoffs {cfg.cutoffs} leave no tail for a vocabulary of {vocab_size}")
+            self.decoder = nn.AdaptiveLogSoftmaxWithLoss(
+                cfg.hidden_size, vocab_size, cutoffs=cutoffs, div_value=cfg.div_value
+            )
+        else:
+            self.decoder = nn.Linear(cfg.hidden_size, vocab_size)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.uniform_(self.encoder.weight, -0.1, 0.1)
+        if isinstance(self.decoder, nn.Linear):
+            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+            nn.init.zeros_(self.decoder.bias)
+
+    def init_hidden(self, batch_size: int) -> Hidden:
+        w = next(self.parameters())
+        shape = (self.cfg.layers, batch_size, self.cfg.hidden_size)
+        return w.new_zeros(shape), w.new_zeros(shape)
+
+    def forward(self, input: torch.Tensor, hidden: Hidden | None = None) -> tuple[torch.Tensor, Hidden]:
+        """``input`` (T, B) word ids -> top-layer features (T, B, H) and the final (h, c)."""
+        emb = self.drop(self.encoder(input))
+        output, hidden = self.rnn(emb, hidden)
+        return self.drop(output), hidden
+
+    def loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean negative log-likelihood of ``targets`` given features of the same leading shape."""
+        flat = features.reshape(-1, features.size(-1))
+        if isinstance(self.decoder, nn.AdaptiveLogSoftmaxWithLoss):
+            return self.decoder(flat, targets.reshape(-1)).loss
+        return F.cross_entropy(self.decoder(flat).float(), targets.reshape(-1))
+
+    def target_log_probs(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log P(target | context) for each position; only the needed probabilities are computed
+        where the decoder allows it (adaptive softmax: the head plus the target's own cluster)."""
+        shape = targets.shape
+        flat = features.reshape(-1, features.size(-1))
+        if isinstance(self.decoder, nn.AdaptiveLogSoftmaxWithLoss):
+            return self.decoder(flat, targets.reshape(-1)).output.reshape(shape)
+        logp = F.log_softmax(self.decoder(flat).float(), dim=-1)
+        return logp.gather(1, targets.reshape(-1, 1)).reshape(shape)
+
+    def log_probs(self, features: torch.Tensor) -> torch.Tensor:
+        """Full next-word log-distribution, (..., V)."""
+        flat = features.reshape(-1, features.size(-1))
+        if isinstance(self.decoder, nn.AdaptiveLogSoftmaxWithLoss):
+            out = self.decoder.log_prob(flat)
+        else:
+            out = F.log_softmax(self.decoder(flat).float(), dim=-1)
+        return out.reshape(*features.shape[:-1], -1)
+
+
+def save_model(model: RNNModel, vocab: Vocab, out_dir: str | Path, extra: dict | None = None) -> Path:
+    """Write the model directory atomically: a crash never leaves a half-written model."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        meta = {"vocab_size": model.vocab_size, "model": model.cfg.model_dump(), **(extra or {})}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        vocab.save(tmp / "vocab.txt")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[RNNModel, Vocab]:
+    model_dir = Path(model_dir)
+    for name in ("model.safetensors", "config.json", "vocab.txt"):
+        if not (model_dir / name).is_file():
+            raise FileNotFoundError(
+                f"{model_dir}: not a model directory (missing {name}); train one with "
+                "`agreelens train --model small` or `dvc repro`"
+            )
+    meta = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    vocab = Vocab.load(model_dir / "vocab.txt")
+    model = RNNModel(meta["vocab_size"], ModelConfig(**meta["model"]))
+    model.load_state_dict(load_file(str(model_dir / "model.safetensors"), device="cpu"))
+    return model.to(device).eval(), vocab
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,289 @@
+"""Training: truncated BPTT with hidden-state carry-over, clipping, LR schedule, early stopping,
+checkpoints that survive ``kill -9`` (the same command resumes and ends bit-identical), MLflow logging.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from agreelens import tracking
+from agreelens.config import Params
+from agreelens.corpus import read_split
+from agreelens.model import RNNModel, default_device, save_model
+from agreelens.vocab import Vocab
+
+
+def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """1-D id stream -> (T, B): B contiguous streams side by side (pytorch/examples)."""
+    n = ids.numel() // batch_size
+    if n < 2:
+        raise ValueError(f"{ids.numel()} tokens are too few for batch_size {batch_size}")
+    return ids[: n * batch_size].view(batch_size, n).t().contiguous()
+
+
+class SentenceStream:
+    """Encoded sentences; each epoch lays them out in a new seeded order, then batchifies."""
+
+    def __init__(self, vocab: Vocab, lines: list[str]):
+        ids = vocab.encode_lines(lines).numpy()
+        ends = np.flatnonzero(ids == vocab.eos) + 1
+        self.ids = ids
+        self.starts = np.concatenate([[0], ends[:-1]])
+        self.lengths = ends - self.starts
+        self.tokens = int(ids.size)
+
+    def epoch(self, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
+        if not shuffle:
+            return torch.from_numpy(self.ids)
+        order = np.random.default_rng([seed, epoch]).permutation(len(self.starts))
+        lengths = self.lengths[order]
+        # gather indices for the permuted sentences without a Python loop over sentences
+        offsets = np.repeat(self.starts[order] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        return torch.from_numpy(self.ids[np.arange(self.tokens) + offsets])
+
+
+@torch.inference_mode()
+def stream_perplexity(model: RNNModel, data: torch.Tensor, bptt: int) -> float:
+    """Perplexity of a batchified (T, B) stream with hidden-state carry-over."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    hidden, total, count = None, 0.0, 0
+    for i in range(0, data.size(0) - 1, bptt):
+        seq = min(bptt, data.size(0) - 1 - i)
+        x = data[i : i + seq].to(device)
+        y = data[i + 1 : i + 1 + seq].to(device)
+        features, hidden = model(x, hidden)
+        total += -model.target_log_probs(features, y).double().sum().item()
+        count += y.numel()
+    model.train(was_training)
+    return math.exp(total / max(count, 1))
+
+
+@dataclass
+class Paths:
+    prepared: Path
+    model_dir: Path
+    checkpoint: Path
+    metrics: Path
+    curve: Path
+
+    @classmethod
+    def for_model(cls, params: Params, name: str) -> "Paths":
+        return cls(
+            prepared=Path(params.prepare.out),
+            model_dir=Path("models") / name,
+            checkpoint=Path("checkpoints") / name / "last.pt",
+            metrics=Path("metrics") / f"train_{name}.json",
+            curve=Path("plots") / f"learning_{name}.csv",
+        )
+
+
+def _fingerprint(params: Params, paths: Paths, name: str) -> str:
+    """Identity of a run: a checkpoint from other settings or data is never resumed."""
+    t = params.train.model_dump(exclude={"checkpoint_every", "threads"})
+    files = [paths.prepared / f"train_{name}.txt", paths.prepared / "valid.txt", paths.prepared / "vocab.txt"]
+    stamp = [(f.name, f.stat().st_size, tracking.params_hash(f.read_bytes()[:1 << 20])) for f in files]
+    return tracking.params_hash({"model": params.model.model_dump(), "train": t, "files": stamp})
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill during the write leaves the previous checkpoint
+
+
+def _make_optimizer(model: RNNModel, params: Params):
+    t = params.train
+    if t.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+
+
+def _make_scheduler(opt, params: Params, total_steps: int):
+    t = params.train
+    if t.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=t.plateau_factor, patience=0)
+    warm = max(t.warmup_steps, 0)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def train(params: Params, name: str, paths: Paths | None = None, quiet: bool = False) -> dict:
+    """Train model ``name`` (a key of ``prepare.sizes``); resume from its checkpoint if one matches."""
+    if name not in params.prepare.sizes:
+        raise ValueError(f"unknown model '{name}': params.yaml prepare.sizes defines {list(params.prepare.sizes)}")
+    t = params.train
+    paths = paths or Paths.for_model(params, name)
+    torch.set_num_threads(t.threads or os.cpu_count() or 1)
+    device = default_device()
+    use_amp = t.amp and device.type == "cuda"
+
+    vocab = Vocab.load(paths.prepared / "vocab.txt")
+    stream = SentenceStream(vocab, read_split(paths.prepared / f"train_{name}.txt"))
+    valid = batchify(vocab.encode_lines(read_split(paths.prepared / "valid.txt")), 16)
+    steps_per_epoch = (stream.tokens // t.batch_size - 1) // t.bptt
+    if steps_per_epoch < 1:
+        raise ValueError(f"train_{name}: {stream.tokens} tokens are too few for batch {t.batch_size} x bptt {t.bptt}")
+    total_steps = t.epochs * steps_per_epoch
+    if t.max_steps:
+        total_steps = min(total_steps, t.max_steps)
+    eval_every = max(1, steps_per_epoch // t.evals_per_epoch)
+
+    _seed_all(t.seed)
+    model = RNNModel(len(vocab), params.model).to(device)
+    opt = _make_optimizer(model, params)
+    sched = _make_scheduler(opt, params, total_steps)
+    fingerprint = _fingerprint(params, paths, name)
+    st = {"epoch": 0, "epoch_step": 0, "step": 0, "best_valid_ppl": float("inf"), "bad_evals": 0,
+          "history": [], "seconds": 0.0, "run_id": None, "stopped_early": False}
+    hidden, best_state = None, None
+
+    if paths.checkpoint.is_file():
+        ckpt = torch.load(paths.checkpoint, map_location=device, weights_only=True)
+        if ckpt.get("fingerprint") == fingerprint:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            st.update(ckpt["state"])
+            hidden = tuple(h.to(device) for h in ckpt["hidden"]) if ckpt["hidden"] is not None else None
+            best_state = ckpt["best_model"]
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+            if not quiet:
+                print(f"[train {name}] resuming from {paths.checkpoint} at step {st['step']}")
+        elif not quiet:
+            print(f"[train {name}] ignoring {paths.checkpoint}: made with other settings or data")
+
+    mlflow_params = {**tracking.flatten({"model": params.model.model_dump(), "train": t.model_dump()}),
+                     "data.corpora": ",".join(params.data.corpora), "model_name": name,
+                     "train_tokens": stream.tokens, "vocab_size": len(vocab), "profile": params.profile}
+    tags = {"git_commit": tracking.git_commit(), "data_dvc_md5": tracking.dvc_hash(),
+            "params_hash": tracking.params_hash(mlflow_params), "agreelens.model": name}
+
+    def checkpoint() -> None:
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+        _save_checkpoint(paths.checkpoint, {
+            "fingerprint": fingerprint, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(), "state": st, "rng": rng, "best_model": best_state,
+            "hidden": None if hidden is None else tuple(h.detach() for h in hidden)})
+
+    with tracking.mlflow_run("agreelens-train", f"train-{name}", mlflow_params, tags, st["run_id"]) as run:
+        st["run_id"] = run.id
+        model.train()
+        bar = tqdm(total=total_steps, initial=st["step"], desc=f"train {name}", unit="step",
+                   disable=quiet, dynamic_ncols=True, mininterval=1.0)
+        done = st["step"] >= total_steps or st["stopped_early"]
+        window_loss, window_tokens, t0 = 0.0, 0, time.perf_counter()
+        while not done and st["epoch"] < t.epochs:
+            data = batchify(stream.epoch(t.seed, st["epoch"], t.shuffle), t.batch_size)
+            if hidden is None:
+                hidden = model.init_hidden(t.batch_size)
+            for i in range(st["epoch_step"], steps_per_epoch):
+                x = data[i * t.bptt : (i + 1) * t.bptt].to(device, non_blocking=True)
+                y = data[i * t.bptt + 1 : (i + 1) * t.bptt + 1].to(device, non_blocking=True)
+                hidden = tuple(h.detach() for h in hidden)
+                with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext():
+                    features, hidden = model(x, hidden)
+                    loss = model.loss(features, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
+                opt.step()
+                if t.schedule == "cosine":
+                    sched.step()
+                st["step"] += 1
+                st["epoch_step"] = i + 1
+                window_loss += loss.item() * y.numel()
+                window_tokens += y.numel()
+                now = time.perf_counter()
+                st["seconds"] += now - t0
+                t0 = now
+                bar.update(1)
+                if st["step"] % 20 == 0 or i + 1 == steps_per_epoch:
+                    rate = bar.format_dict.get("rate") or 0.0  # steps/s, smoothed by tqdm
+                    avg = window_loss / window_tokens
+                    bar.set_postfix(epoch=st["epoch"] + 1, loss=f"{avg:.3f}", ppl=f"{math.exp(min(avg, 50)):.1f}",
+                                    tok_s=f"{rate * y.numel():.0f}")
+                last = (i + 1 == steps_per_epoch) or st["step"] >= total_steps
+                if (i + 1) % eval_every == 0 or last:
+                    vppl = stream_perplexity(model, valid, t.bptt)
+                    t0 = time.perf_counter()
+                    train_ppl = math.exp(min(window_loss / max(window_tokens, 1), 50))
+                    point = {"step": st["step"], "epoch": round(st["step"] / steps_per_epoch, 3),
+                             "tokens": st["step"] * t.batch_size * t.bptt, "train_ppl": round(train_ppl, 3),
+                             "valid_ppl": round(vppl, 3), "lr": opt.param_groups[0]["lr"],
+                             "seconds": round(st["seconds"], 1)}
+                    st["history"].append(point)
+                    window_loss, window_tokens = 0.0, 0
+                    run.log_metrics({k: point[k] for k in ("train_ppl", "valid_ppl", "lr", "epoch")}, step=st["step"])
+                    if not quiet:
+                        bar.write(f"[train {name}] step {st['step']} epoch {point['epoch']:.2f}: "
+                                  f"train ppl {train_ppl:.1f}, valid ppl {vppl:.1f}")
+                    if vppl < st["best_valid_ppl"]:
+                        st["best_valid_ppl"], st["bad_evals"] = vppl, 0
+                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                    else:
+                        st["bad_evals"] += 1
+                    if t.schedule == "plateau":
+                        sched.step(vppl)
+                    if st["bad_evals"] >= t.patience:
+                        st["stopped_early"] = True
+                if st["step"] >= total_steps or st["stopped_early"]:
+                    done = True
+                if st["step"] % t.checkpoint_every == 0 or done:
+                    checkpoint()
+                if done:
+                    break
+            else:
+                st["epoch"] += 1
+                st["epoch_step"] = 0
+        bar.close()
+
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        summary = {"model": name, "best_valid_ppl": round(st["best_valid_ppl"], 3), "steps": st["step"],
+                   "epochs": round(st["step"] / steps_per_epoch, 3), "train_tokens": stream.tokens,
+                   "tokens_seen": st["step"] * t.batch_size * t.bptt, "train_seconds": round(st["seconds"], 1),
+                   "tokens_per_second": round(st["step"] * t.batch_size * t.bptt / max(st["seconds"], 1e-9)),
+                   "stopped_early": st["stopped_early"], "device": device.type, "profile": params.profile}
+        save_model(model.cpu(), vocab, paths.model_dir, extra={"name": name, "train": summary})
+        write_curve(paths.curve, st["history"])
+        paths.metrics.parent.mkdir(parents=True, exist_ok=True)
+        paths.metrics.write_text(json.dumps(summary, indent=2) + "\n")
+        run.log_metrics({"best_valid_ppl": summary["best_valid_ppl"], "tokens_per_second": summary["tokens_per_second"]})
+        run.log_artifact(paths.curve)
+    paths.checkpoint.unlink(missing_ok=True)
+    return summary
+
+
+def write_curve(path: Path, history: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = ["step", "epoch", "tokens", "train_ppl", "valid_ppl", "lr", "seconds"]
+    lines = [",".join(cols)] + [",".join(str(h[c]) for c in cols) for h in history]
+    path.write_text("\n".join(lines) + "\n")
