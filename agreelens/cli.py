@@ -46,11 +46,14 @@ def data(
     archives: str = typer.Option("corpora", help="folder of the committed compressed corpora"),
 ) -> None:
     """Stage 0: restore data/ from the compressed corpora in the repository (no remote needed)."""
-    from agreelens.data import restore
+    from agreelens.data import cache, restore
 
     try:
         restored = restore(root, archives)
-    except (OSError, ValueError) as err:
+        dvc_file = Path(f"{root}.dvc")
+        if restored and dvc_file.is_file():
+            cache(dvc_file)
+    except (OSError, ValueError, RuntimeError) as err:
         _fail(err)
     console.print(f"restored: {', '.join(restored)}" if restored else f"{root}/ already present; nothing restored")
 
@@ -104,13 +107,16 @@ def evaluate(params: str = ParamsOpt, profile: Optional[str] = ProfileOpt) -> No
         run_evaluate(p)
     except FileNotFoundError as err:
         _fail(err)
-    report()
+    print_report(Path("metrics"))
 
 
 @app.command()
 def report(metrics: str = typer.Option("metrics", help="folder of the pipeline's metrics")) -> None:
     """Print the results table from the pipeline's metrics."""
-    folder = Path(metrics)
+    print_report(Path(metrics))
+
+
+def print_report(folder: Path) -> None:
     path = folder / "eval.json"
     if not path.is_file():
         _fail(FileNotFoundError(f"{path}: no results yet; run `dvc repro` (or `make run`)"))

@@ -8,6 +8,8 @@ Existing corpus folders are never overwritten: text a user added stays.
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -35,3 +37,24 @@ def restore(root: str | Path = "data", archives: str | Path = "corpora") -> list
         shutil.copyfile(sources, root / "SOURCES.md")
         restored.append("SOURCES.md")
     return restored
+
+
+def cache(dvc_file: str | Path = "data.dvc") -> None:
+    """Put restored ``data/`` into the DVC cache (``dvc status`` then shows it clean).
+
+    ``data.dvc`` must come out unchanged: if the restored bytes differ from what it records, the
+    committed archives and ``data.dvc`` are out of step, and that is an error, never a silent update.
+    """
+    dvc_file = Path(dvc_file)
+    before = dvc_file.read_text()
+    proc = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet", str(dvc_file)],
+                          capture_output=True, text=True)
+    after = dvc_file.read_text()
+    if after != before:
+        dvc_file.write_text(before)
+        raise RuntimeError(
+            f"{dvc_file.parent / 'data'} restored from corpora/ does not match {dvc_file}; "
+            "rebuild the archives or run `dvc add data` deliberately"
+        )
+    if proc.returncode != 0:
+        raise RuntimeError(f"dvc commit {dvc_file} failed: {proc.stderr.strip() or proc.stdout.strip()}")

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from agreelens.config import Params
 from agreelens.corpus import read_split
 from agreelens.model import RNNModel, default_device, save_model
 from agreelens.vocab import Vocab
+
+_CRASH_AT_STEP = int(os.environ.get("AGREELENS_CRASH_AT_STEP", "0") or 0)
 
 
 def batchify(ids: torch.Tensor, batch_size: int) -> torch.Tensor:
@@ -258,6 +261,8 @@ def train(params: Params, name: str, paths: Paths | None = None, quiet: bool = F
                     done = True
                 if st["step"] % t.checkpoint_every == 0 or done:
                     checkpoint()
+                if st["step"] == _CRASH_AT_STEP:  # fault injection for the resume test: a real SIGKILL
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if done:
                     break
             else:

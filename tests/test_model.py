@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from agreelens.config import ModelConfig
+from agreelens.model import RNNModel, load_model, save_model
+from agreelens.vocab import Vocab
+
+V = 300
+
+
+def _model(softmax):
+    torch.manual_seed(0)
+    cfg = ModelConfig(emb_size=16, hidden_size=24, layers=2, dropout=0.2, softmax=softmax, cutoffs=[50, 150])
+    return RNNModel(V, cfg).eval()
+
+
+@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+def test_shapes_and_target_log_probs_match_full_distribution(softmax):
+    m = _model(softmax)
+    x = torch.randint(0, V, (7, 3))
+    feats, (h, c) = m(x)
+    assert feats.shape == (7, 3, 24) and h.shape == c.shape == (2, 3, 24)
+    logp = m.log_probs(feats)
+    assert logp.shape == (7, 3, V)
+    assert torch.allclose(logp.exp().sum(-1), torch.ones(7, 3), atol=1e-4)  # a distribution
+    y = torch.randint(0, V, (7, 3))
+    picked = logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(m.target_log_probs(feats, y), picked, atol=1e-5)
+    assert torch.allclose(m.loss(feats, y), -picked.mean(), atol=1e-5)
+
+
+def test_hidden_state_carry_over_equals_one_long_pass():
+    m = _model("adaptive")
+    x = torch.randint(0, V, (10, 2))
+    whole, _ = m(x)
+    first, hid = m(x[:4])
+    second, _ = m(x[4:], hid)
+    assert torch.allclose(torch.cat([first, second]), whole, atol=1e-6)
+
+
+def test_save_load_roundtrip_is_tensor_only(tmp_path):
+    m = _model("adaptive")
+    vocab = Vocab(["<eos>", "<unk>"] + [f"w{i}" for i in range(V - 2)])
+    out = save_model(m, vocab, tmp_path / "m")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "vocab.txt"]
+    m2, v2 = load_model(out)
+    x = torch.randint(0, V, (5, 2))
+    assert torch.equal(m(x)[0], m2(x)[0])
+    assert v2.itos == vocab.itos
+    with pytest.raises(FileNotFoundError, match="not a model directory"):
+        load_model(tmp_path)

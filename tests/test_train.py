@@ -1,0 +1,87 @@
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from agreelens.config import load_params
+from agreelens.corpus import prepare
+from agreelens.train import SentenceStream, batchify, train
+from agreelens.vocab import Vocab
+from tests.conftest import run_cli
+
+
+def test_batchify_makes_contiguous_streams():
+    data = batchify(torch.arange(10), 3)
+    assert data.shape == (3, 3)
+    assert data[:, 0].tolist() == [0, 1, 2] and data[:, 2].tolist() == [6, 7, 8]
+
+
+def test_epoch_order_is_a_seeded_permutation_of_whole_sentences():
+    vocab = Vocab(["<eos>", "<unk>", "a", "b", "c"])
+    lines = ["a b", "c", "a a a", "b c a b", "c c"]
+    stream = SentenceStream(vocab, lines)
+    e0, e0b, e1 = stream.epoch(7, 0, True), stream.epoch(7, 0, True), stream.epoch(7, 1, True)
+    assert torch.equal(e0, e0b) and not torch.equal(e0, e1)
+
+    def sentences(ids):
+        out, cur = [], []
+        for i in ids.tolist():
+            if i == vocab.eos:
+                out.append(" ".join(vocab.itos[j] for j in cur))
+                cur = []
+            else:
+                cur.append(i)
+        return out
+
+    assert sorted(sentences(e1)) == sorted(lines)
+    assert sentences(stream.epoch(7, 0, False)) == lines
+
+
+def _tiny(project, **train_overrides):
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["profile"] = "tiny"
+    raw["profiles"]["tiny"]["train"].update(train_overrides)
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    params = load_params(project / "params.yaml")
+    prepare(params)
+    return params
+
+
+def test_tiny_training_lowers_perplexity(project):
+    params = _tiny(project, max_steps=60, evals_per_epoch=40, lr=0.01)
+    summary = train(params, "large", quiet=True)
+    curve = [json.loads(json.dumps(h)) for h in (project / "plots" / "learning_large.csv").read_text().splitlines()[1:]]
+    valid = [float(row.split(",")[4]) for row in curve]
+    vocab_size = len((project / "prepared" / "vocab.txt").read_text().splitlines())
+    assert len(valid) >= 2 and valid[-1] < valid[0] < vocab_size  # learned something beyond uniform
+    assert summary["best_valid_ppl"] == pytest.approx(min(valid), rel=1e-3)
+    assert (project / "models" / "large" / "model.safetensors").is_file()
+    assert not (project / "checkpoints" / "large" / "last.pt").exists()  # cleaned up after success
+
+
+def test_resume_after_kill_9_ends_identical_to_uninterrupted(project, tmp_path_factory):
+    _tiny(project, max_steps=30, checkpoint_every=10, evals_per_epoch=40)
+    clean = tmp_path_factory.mktemp("clean")
+    for item in ("params.yaml", "prepared"):
+        os.symlink(project / item, clean / item)
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+
+    run_cli(["train", "--model", "small"], cwd=clean, env=env)
+    crashed = run_cli(["train", "--model", "small"], cwd=project, env={**env, "AGREELENS_CRASH_AT_STEP": "17"},
+                      check=False)
+    assert crashed.returncode == -9  # killed by SIGKILL mid-run, between checkpoints
+    ckpt = torch.load(project / "checkpoints" / "small" / "last.pt", weights_only=True)
+    assert ckpt["state"]["step"] == 10  # the last checkpoint before the kill
+    assert not (project / "models" / "small").exists()  # nothing half-written
+    resumed = run_cli(["train", "--model", "small"], cwd=project, env=env)
+    assert "resuming" in resumed.stdout + resumed.stderr
+
+    a = load_file(clean / "models" / "small" / "model.safetensors")
+    b = load_file(project / "models" / "small" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ma = json.loads((clean / "metrics" / "train_small.json").read_text())
+    mb = json.loads((project / "metrics" / "train_small.json").read_text())
+    assert ma["best_valid_ppl"] == mb["best_valid_ppl"] and ma["steps"] == mb["steps"] == 30
