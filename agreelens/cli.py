@@ -111,6 +111,105 @@ def evaluate(params: str = ParamsOpt, profile: Optional[str] = ProfileOpt) -> No
 
 
 @app.command()
+def stimuli(
+    params: str = ParamsOpt,
+    profile: Optional[str] = ProfileOpt,
+    out: str = typer.Option("stimuli", help="output folder (.text/.gold/.info/.jsonl per construction)"),
+) -> None:
+    """Stage 4: generate the NA-task stimuli (Lakretz et al. 2019) from the pools in params.yaml."""
+    from agreelens.na import make_stimuli
+
+    p = _params(params, profile)
+    try:
+        rep = make_stimuli(p, out)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(err)
+    oov = {k: v for k, v in (rep.get("oov") or {}).items() if v}
+    if oov:
+        console.print(f"[yellow]out-of-vocabulary pool words (dropped from the pools):[/yellow] {oov}")
+    short = rep.get("shortfall") or {}
+    if short:
+        console.print(f"[yellow]fewer unique sentences than asked for:[/yellow] {short}")
+    console.print(f"{rep['n_records']:,} minimal pairs -> {out}/")
+
+
+@app.command("evaluate-na")
+def evaluate_na(
+    model: str = typer.Option(..., "--model", "-m", help="model name under models/ or a model directory"),
+    params: str = ParamsOpt,
+    profile: Optional[str] = ProfileOpt,
+) -> None:
+    """Stage 5: NA accuracy of one model (overall, per construction and condition) and BLiMP."""
+    from agreelens.na import evaluate_na as run
+
+    p = _params(params, profile)
+    try:
+        r = run(p, model)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(err)
+    t = Table(title=f"NA accuracy of {model}: {r['accuracy']:.1%} ({r['n']:,} pairs, {r['oov']} OOV)")
+    t.add_column("construction")
+    conds = ["S", "P", "SS", "SP", "PS", "PP"]
+    for c in conds:
+        t.add_column(c, justify="right")
+    for cons in r["constructions"]:
+        t.add_row(cons, *[f"{r['groups'][f'{cons}/{c}']['accuracy']:.0%}" if f"{cons}/{c}" in r["groups"] else ""
+                          for c in conds])
+    console.print(t)
+
+
+@app.command()
+def score(
+    files: list[Path] = typer.Argument(None, help="BLiMP-style .jsonl files of minimal pairs"),
+    model: str = typer.Option("large", "--model", "-m", help="model name under models/ or a model directory"),
+    suite: Optional[str] = typer.Option(None, help="a benchmark in the box: blimp"),
+    method: str = typer.Option("auto", help="auto | prefix | sentence"),
+    batch_size: int = typer.Option(256, help="sequences per forward pass"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (for scripts)"),
+) -> None:
+    """Score minimal pairs: {"accuracy", "n", "oov", "groups": {UID or construction/condition: ...}}."""
+    from agreelens.model import default_device, load_model
+    from agreelens.na import BLIMP_DIR, resolve_model
+    from agreelens.scoring import read_pairs, score_pairs
+
+    setup_env()
+    paths = list(files or [])
+    if suite == "blimp":
+        paths += sorted(BLIMP_DIR.glob("*.jsonl"))
+    elif suite is not None:
+        _fail(ValueError(f"unknown suite '{suite}' (known: blimp)"))
+    if not paths:
+        _fail(ValueError("no pairs given: pass .jsonl files or --suite blimp"))
+    try:
+        m, vocab = load_model(resolve_model(model), default_device())
+        result = score_pairs(m, vocab, read_pairs(paths), batch_size=batch_size, method=method)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(err)
+    if as_json:
+        print(json.dumps(result))
+        return
+    t = Table(title=f"{model}: {result['accuracy']:.1%} of {result['n']:,} pairs ({result['oov']} OOV, not scored)")
+    for col in ("group", "accuracy", "n"):
+        t.add_column(col, justify="right")
+    for k, g in result["groups"].items():
+        t.add_row(k, f"{g['accuracy']:.1%}", f"{g['n']:,}")
+    console.print(t)
+
+
+@app.command()
+def table6(params: str = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """Stage 6: reports/table6.md, the paper's Table 6 (PPL and NA accuracy, small vs large)."""
+    from agreelens.na import table6 as run
+
+    p = _params(params, profile)
+    try:
+        console.print(run(p.model_names))
+    except FileNotFoundError as err:
+        _fail(err)
+    print_report(Path("metrics"))
+
+
+@app.command()
 def report(metrics: str = typer.Option("metrics", help="folder of the pipeline's metrics")) -> None:
     """Print the results table from the pipeline's metrics."""
     print_report(Path(metrics))

@@ -16,6 +16,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agreelens.stimuli import StimuliConfig
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -76,8 +78,9 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(200, ge=1)  # steps
     seed: int = 1111
     threads: int = Field(0, ge=0)  # 0 = all cores
-    amp: bool = True  # mixed precision, used only when CUDA is present
+    amp: bool = True  # bf16 mixed precision where the hardware does it natively (CUDA, AVX512-BF16 CPUs)
     shuffle: bool = True  # reshuffle sentence order every epoch
+    na_stimuli: str = "stimuli"  # score these NA pairs at every validation ("" = off): agreement curve
 
 
 class EvaluateConfig(_Section):
@@ -91,6 +94,7 @@ class Params(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    stimuli: StimuliConfig = StimuliConfig()
 
     @property
     def model_names(self) -> list[str]:

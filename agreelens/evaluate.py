@@ -42,7 +42,7 @@ def evaluate(params: Params, out: str | Path = "metrics/eval.json",
 
 def read_curve(path: Path) -> list[dict]:
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: float(v) if v else float("nan") for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def plot_learning_curves(names: list[str], figure: str | Path) -> Path:

@@ -82,7 +82,7 @@ POOLS = PAIR_POOLS + WORD_POOLS
 NUMBERS = {"S": "singular", "P": "plural"}
 _FORM = {"S": 0, "P": 1}
 
-# pool sizes below which a construction cannot be built (subject and object differ, as do two adverbs)
+# list every possible sentence (rather than draw at random) when there are at most this many
 _ENUMERATE_LIMIT = 50_000
 
 
@@ -415,9 +415,15 @@ def write(records: list[dict], out_dir: str | Path) -> list[Path]:
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
             os.replace(out_dir, old / "d")
-        os.replace(tmp, out_dir)
+            try:
+                os.replace(tmp, out_dir)
+            except BaseException:
+                os.replace(old / "d", out_dir)  # put the previous stimuli back
+                raise
+        else:
+            os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return [out_dir / n for n in names]

@@ -130,6 +130,13 @@ def _make_scheduler(opt, params: Params, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """bf16 mixed precision where the hardware does bf16 natively (CUDA; CPUs with AVX512-BF16/AMX)."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -144,7 +151,7 @@ def train(params: Params, name: str, paths: Paths | None = None, quiet: bool = F
     paths = paths or Paths.for_model(params, name)
     torch.set_num_threads(t.threads or os.cpu_count() or 1)
     device = default_device()
-    use_amp = t.amp and device.type == "cuda"
+    amp_dtype = autocast_dtype(device) if t.amp else None
 
     vocab = Vocab.load(paths.prepared / "vocab.txt")
     stream = SentenceStream(vocab, read_split(paths.prepared / f"train_{name}.txt"))
@@ -157,6 +164,7 @@ def train(params: Params, name: str, paths: Paths | None = None, quiet: bool = F
         total_steps = min(total_steps, t.max_steps)
     eval_every = max(1, steps_per_epoch // t.evals_per_epoch)
 
+    na_pairs = _na_pairs(t.na_stimuli)
     _seed_all(t.seed)
     model = RNNModel(len(vocab), params.model).to(device)
     opt = _make_optimizer(model, params)
@@ -211,7 +219,7 @@ def train(params: Params, name: str, paths: Paths | None = None, quiet: bool = F
                 x = data[i * t.bptt : (i + 1) * t.bptt].to(device, non_blocking=True)
                 y = data[i * t.bptt + 1 : (i + 1) * t.bptt + 1].to(device, non_blocking=True)
                 hidden = tuple(h.detach() for h in hidden)
-                with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext():
+                with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
                     features, hidden = model(x, hidden)
                     loss = model.loss(features, y)
                 opt.zero_grad(set_to_none=True)
@@ -242,12 +250,16 @@ def train(params: Params, name: str, paths: Paths | None = None, quiet: bool = F
                              "tokens": st["step"] * t.batch_size * t.bptt, "train_ppl": round(train_ppl, 3),
                              "valid_ppl": round(vppl, 3), "lr": opt.param_groups[0]["lr"],
                              "seconds": round(st["seconds"], 1)}
+                    if na_pairs:
+                        point.update(na_accuracy(model, vocab, na_pairs))
                     st["history"].append(point)
                     window_loss, window_tokens = 0.0, 0
-                    run.log_metrics({k: point[k] for k in ("train_ppl", "valid_ppl", "lr", "epoch")}, step=st["step"])
+                    run.log_metrics({k: v for k, v in point.items() if k not in ("step", "tokens", "seconds")},
+                                    step=st["step"])
                     if not quiet:
+                        na = f", NA {point['na_accuracy']:.1%} (nounpp {point['na_nounpp']:.1%})" if na_pairs else ""
                         bar.write(f"[train {name}] step {st['step']} epoch {point['epoch']:.2f}: "
-                                  f"train ppl {train_ppl:.1f}, valid ppl {vppl:.1f}")
+                                  f"train ppl {train_ppl:.1f}, valid ppl {vppl:.1f}{na}")
                     if vppl < st["best_valid_ppl"]:
                         st["best_valid_ppl"], st["bad_evals"] = vppl, 0
                         best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -287,8 +299,31 @@ def train(params: Params, name: str, paths: Paths | None = None, quiet: bool = F
     return summary
 
 
+def _na_pairs(folder: str) -> list[dict]:
+    """NA stimuli to score at every validation (the agreement learning curve), if generated."""
+    from agreelens.scoring import read_pairs
+
+    files = sorted(Path(folder).glob("*.jsonl")) if folder else []
+    return read_pairs(files) if files else []
+
+
+def na_accuracy(model: RNNModel, vocab: Vocab, pairs: list[dict]) -> dict:
+    from agreelens.scoring import score_pairs
+
+    was_training = model.training
+    r = score_pairs(model, vocab, pairs, batch_size=512)
+    model.train(was_training)
+    nounpp = [g for k, g in r["groups"].items() if k.startswith("nounpp/")]
+    n = sum(g["n"] for g in nounpp)
+    return {"na_accuracy": round(r["accuracy"], 4),
+            "na_nounpp": round(sum(g["accuracy"] * g["n"] for g in nounpp) / n, 4) if n else 0.0}
+
+
+CURVE_COLUMNS = ["step", "epoch", "tokens", "train_ppl", "valid_ppl", "lr", "seconds", "na_accuracy", "na_nounpp"]
+
+
 def write_curve(path: Path, history: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    cols = ["step", "epoch", "tokens", "train_ppl", "valid_ppl", "lr", "seconds"]
-    lines = [",".join(cols)] + [",".join(str(h[c]) for c in cols) for h in history]
+    cols = [c for c in CURVE_COLUMNS if any(c in h for h in history)] or CURVE_COLUMNS[:7]
+    lines = [",".join(cols)] + [",".join(str(h.get(c, "")) for c in cols) for h in history]
     path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,286 @@
+"""Batched minimal-pair scoring of a language model (NA-task stimuli, BLiMP).
+
+A pair is a good and a bad sentence (BLiMP-style JSON fields). The model gets it right when it gives
+the good one the higher log-probability; ties count as wrong. Two ways to compare:
+
+``prefix`` (BLiMP's one-prefix method)
+    log P(word_good | <eos> prefix) vs log P(word_bad | <eos> prefix). The prefix runs once and both
+    words' log-probabilities are read at its last position with ``model.target_log_probs`` (for an
+    adaptive softmax only the head and the words' own clusters are computed). A word of several
+    tokens is scored as the sum of its tokens' log-probabilities after the prefix.
+``sentence``
+    log P(<eos> sentence <eos>) summed over every predicted token, the final <eos> included.
+``auto``
+    ``prefix`` where a pair has the one-prefix fields, else ``sentence``.
+
+Text goes through :func:`agreelens.text.tokenize`, as the training corpus did, and the LM is primed
+with ``<eos>``, the token that precedes every sentence in training. A pair whose differing words (the
+two target words; for ``sentence`` the tokens where the two sentences differ) are not all in the
+vocabulary cannot be compared fairly: it is counted in ``oov`` and not scored. Unknown words in the
+shared context become ``<unk>``, as in training.
+
+Sequences are sorted by length, padded to the batch's longest (time-major) and run in one forward
+pass per batch under ``torch.inference_mode()`` with the model in eval mode.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+
+from agreelens.text import tokenize
+from agreelens.vocab import Vocab
+
+REQUIRED_FIELDS = ("sentence_good", "sentence_bad", "UID", "pairID")
+PREFIX_FIELDS = ("one_prefix_prefix", "one_prefix_word_good", "one_prefix_word_bad")
+METHODS = ("auto", "prefix", "sentence")
+
+
+def read_pairs(paths: str | Path | Iterable[str | Path]) -> list[dict]:
+    """Minimal pairs from BLiMP-style ``.jsonl`` files (one JSON object a line; blank lines skipped)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    pairs: list[dict] = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such pairs file")
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{where}: not valid JSON: {err.msg} (column {err.colno})") from None
+                if not isinstance(rec, dict):
+                    raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+                missing = [f for f in REQUIRED_FIELDS if rec.get(f) is None]
+                if missing:
+                    raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+                for f in ("sentence_good", "sentence_bad"):
+                    if not isinstance(rec[f], str):
+                        raise ValueError(f"{where}: {f} must be a string, got {rec[f]!r}")
+                present = [f for f in PREFIX_FIELDS if rec.get(f) is not None]
+                if present and len(present) != len(PREFIX_FIELDS):
+                    absent = [f for f in PREFIX_FIELDS if f not in present]
+                    raise ValueError(f"{where}: has {', '.join(present)} but not {', '.join(absent)}")
+                for f in present:
+                    if not isinstance(rec[f], str):
+                        raise ValueError(f"{where}: {f} must be a string, got {rec[f]!r}")
+                pairs.append(rec)
+    return pairs
+
+
+def has_prefix_fields(pair: dict) -> bool:
+    return all(isinstance(pair.get(f), str) for f in PREFIX_FIELDS)
+
+
+def _differing(a: list[str], b: list[str]) -> list[str]:
+    """Tokens of ``a`` and ``b`` left once their common beginning and end are stripped."""
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    j = 0
+    while j < min(len(a), len(b)) - i and a[-1 - j] == b[-1 - j]:
+        j += 1
+    return a[i : len(a) - j] + b[i : len(b) - j]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _chunks(order: list[int], size: int):
+    for i in range(0, len(order), size):
+        yield order[i : i + size]
+
+
+def _pad(seqs: list[list[int]], pad: int, device) -> torch.Tensor:
+    """Time-major (T, B) padded id tensor."""
+    return pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs], padding_value=pad).to(device)
+
+
+def pair_margins(
+    model: nn.Module,
+    vocab: Vocab,
+    pairs: list[dict],
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    method: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair margins ``log P(good) - log P(bad)`` (float64, on the CPU) and a bool mask of the pairs
+    that were scored (False: out-of-vocabulary target words; their margin is NaN).
+
+    ``batch_size`` is the number of sequences per forward pass. ``device``: where to run (the model is
+    moved there); default the model's own device.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if device is not None:
+        model.to(device)
+    device = _model_device(model)
+
+    n = len(pairs)
+    margins = torch.full((n,), float("nan"), dtype=torch.float64)
+    scored = torch.zeros(n, dtype=torch.bool)
+    eos, stoi = vocab.eos, vocab.stoi
+
+    # plan: single-token prefix pairs (one prefix run, two targets) and sequence jobs
+    fast_idx: list[int] = []
+    fast_seq: list[list[int]] = []
+    fast_tgt: list[tuple[int, int]] = []
+    job_idx: list[int] = []  # pair index
+    job_sign: list[float] = []  # +1 good, -1 bad
+    job_seq: list[list[int]] = []  # <eos> + tokens; inputs seq[:-1], targets seq[1:]
+    job_from: list[int] = []  # first target position that is scored
+    for i, pair in enumerate(pairs):
+        use_prefix = method == "prefix" or (method == "auto" and has_prefix_fields(pair))
+        if use_prefix:
+            if not has_prefix_fields(pair):
+                raise ValueError(
+                    f"pair {pair.get('UID')}/{pair.get('pairID')} lacks the one-prefix fields "
+                    f"{', '.join(PREFIX_FIELDS)} needed by method 'prefix'"
+                )
+            prefix = vocab.encode(tokenize(pair["one_prefix_prefix"]))
+            good = tokenize(pair["one_prefix_word_good"])
+            bad = tokenize(pair["one_prefix_word_bad"])
+            if any(t not in stoi for t in _differing(good, bad)):
+                continue
+            scored[i] = True
+            if len(good) == 1 and len(bad) == 1:
+                fast_idx.append(i)
+                fast_seq.append([eos, *prefix])
+                fast_tgt.append((stoi[good[0]], stoi[bad[0]]))
+                continue
+            for sign, word in ((1.0, good), (-1.0, bad)):
+                job_idx.append(i)
+                job_sign.append(sign)
+                job_seq.append([eos, *prefix, *vocab.encode(word)])
+                job_from.append(len(prefix))
+        else:
+            good = tokenize(pair["sentence_good"])
+            bad = tokenize(pair["sentence_bad"])
+            if any(t not in stoi for t in _differing(good, bad)):
+                continue
+            scored[i] = True
+            for sign, sent in ((1.0, good), (-1.0, bad)):
+                job_idx.append(i)
+                job_sign.append(sign)
+                job_seq.append([eos, *vocab.encode(sent), eos])
+                job_from.append(0)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            if fast_idx:
+                out = _score_fast(model, fast_seq, fast_tgt, batch_size, eos, device)
+                margins[torch.tensor(fast_idx)] = out
+            if job_idx:
+                sums = _score_jobs(model, job_seq, job_from, batch_size, eos, device)
+                sums *= torch.tensor(job_sign, dtype=torch.float64)
+                idx = torch.tensor(job_idx)
+                acc = torch.zeros(n, dtype=torch.float64).index_add_(0, idx, sums)
+                margins[idx] = acc[idx]
+    finally:
+        model.train(was_training)
+    return margins, scored
+
+
+def _score_fast(model, seqs, targets, batch_size, pad, device) -> torch.Tensor:
+    """log P(good) - log P(bad) after each prefix, read at the prefix's last position."""
+    order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k]))
+    out = torch.empty(len(seqs), dtype=torch.float64)
+    lengths = torch.tensor([len(s) for s in seqs])
+    tgt = torch.tensor(targets, dtype=torch.long)
+    for chunk in _chunks(order, batch_size):
+        ids = _pad([seqs[k] for k in chunk], pad, device)
+        features, _ = model(ids)
+        b = len(chunk)
+        chunk_t = torch.tensor(chunk)
+        last = features[(lengths[chunk_t] - 1).to(device), torch.arange(b, device=device)]  # (B, H)
+        lp = model.target_log_probs(last.unsqueeze(1).expand(b, 2, last.size(-1)), tgt[chunk_t].to(device))
+        out[chunk_t] = (lp[:, 0] - lp[:, 1]).double().cpu()
+    return out
+
+
+def _score_jobs(model, seqs, starts, batch_size, pad, device) -> torch.Tensor:
+    """Sum of log P(seq[t+1] | seq[:t+1]) over t >= start, for each sequence."""
+    order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k]))
+    out = torch.zeros(len(seqs), dtype=torch.float64)
+    lengths = torch.tensor([len(s) for s in seqs])
+    start = torch.tensor(starts)
+    for chunk in _chunks(order, batch_size):
+        chunk_t = torch.tensor(chunk)
+        n_pred = lengths[chunk_t] - 1  # predictions per sequence
+        if int(n_pred.max()) < 1:
+            continue
+        ids = _pad([seqs[k] for k in chunk], pad, device)  # (T+1, B)
+        inputs, targets = ids[:-1], ids[1:]
+        t = torch.arange(inputs.size(0)).unsqueeze(1)
+        mask = ((t >= start[chunk_t]) & (t < n_pred)).to(device)  # (T, B)
+        features, _ = model(inputs)
+        lp = model.target_log_probs(features[mask], targets[mask])  # only the scored positions
+        cols = mask.nonzero()[:, 1]
+        sums = torch.zeros(len(chunk), dtype=torch.float64, device=device).index_add_(0, cols, lp.double())
+        out[chunk_t] = sums.cpu()
+    return out
+
+
+def group_key(pair: dict) -> str:
+    """``<construction>/<condition>`` for NA-task stimuli, else the pair's UID."""
+    if pair.get("construction") is not None and pair.get("condition") is not None:
+        return f"{pair['construction']}/{pair['condition']}"
+    return str(pair["UID"])
+
+
+def summarize(pairs: list[dict], margins: torch.Tensor, scored: torch.Tensor) -> dict:
+    """Accuracy overall and per group from per-pair margins; a pair is correct when its margin > 0."""
+    correct = (scored & (margins > 0)).tolist()
+    scored_l = scored.tolist()
+    groups: dict[str, dict] = {}
+    for pair, ok, s in zip(pairs, correct, scored_l):
+        g = groups.setdefault(group_key(pair), {"accuracy": 0.0, "n": 0, "oov": 0, "_correct": 0})
+        if s:
+            g["n"] += 1
+            g["_correct"] += int(ok)
+        else:
+            g["oov"] += 1
+    for g in groups.values():
+        g["accuracy"] = g.pop("_correct") / g["n"] if g["n"] else 0.0
+    n = int(scored.sum())
+    return {
+        "accuracy": sum(correct) / n if n else 0.0,
+        "n": n,
+        "oov": len(pairs) - n,
+        "groups": dict(sorted(groups.items())),
+    }
+
+
+def score_pairs(
+    model: nn.Module,
+    vocab: Vocab,
+    pairs: list[dict],
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    method: str = "auto",
+) -> dict:
+    """``{"accuracy", "n", "oov", "groups": {key: {"accuracy", "n", "oov"}}, "method"}``.
+
+    ``n`` counts scored pairs, ``oov`` the pairs left unscored for out-of-vocabulary target words;
+    accuracies are over scored pairs (0.0 where none was scored).
+    """
+    margins, scored = pair_margins(model, vocab, pairs, batch_size=batch_size, device=device, method=method)
+    return {**summarize(pairs, margins, scored), "method": method}
