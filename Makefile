@@ -19,8 +19,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
-	@if $(PY) -m pip list 2>/dev/null | grep -iE '^(nvidia-(?!ml-py)|triton)' -P; then \
-	  echo "error: CUDA wheels were installed; see README (torch must stay CPU)"; exit 1; fi
+	@bad=$$($(PY) -m pip list 2>/dev/null | grep -iE '^(nvidia-|triton)' | grep -iv '^nvidia-ml-py'); \
+	if [ -n "$$bad" ]; then echo "error: CUDA wheels were installed (torch must stay CPU): $$bad"; exit 1; fi
 	touch $@
 
 install: $(VENV)/.installed

@@ -127,6 +127,9 @@ def stimuli(
     oov = {k: v for k, v in (rep.get("oov") or {}).items() if v}
     if oov:
         console.print(f"[yellow]out-of-vocabulary pool words (dropped from the pools):[/yellow] {oov}")
+    rare = {k: v for k, v in (rep.get("rare") or {}).items() if v}
+    if rare:
+        console.print(f"[yellow]pool words seen fewer than {p.stimuli.min_count} times in training (dropped):[/yellow] {rare}")
     short = rep.get("shortfall") or {}
     if short:
         console.print(f"[yellow]fewer unique sentences than asked for:[/yellow] {short}")

@@ -218,6 +218,8 @@ def prepare(params: Params, metrics_path: str | Path = "metrics/prepare.json", p
             _write_lines(tmp / f"train_{size}.txt", subset)
             stats["models"][size] = {"fraction": frac, **split_stats(subset, vocab)}
         vocab.save(tmp / "vocab.txt")
+        with open(tmp / "counts.tsv", "w", encoding="utf-8") as f:  # training-split word counts
+            f.writelines(f"{w}\t{c}\n" for w, c in sorted(counts.items(), key=lambda wc: (-wc[1], wc[0])))
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
@@ -236,3 +238,15 @@ def read_split(path: str | Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: prepared split missing; run `agreelens prepare` (or `dvc repro`)")
     return path.read_text(encoding="utf-8").splitlines()
+
+
+def read_counts(path: str | Path) -> dict[str, int]:
+    """Training-split word counts written by :func:`prepare` (``counts.tsv``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: word counts missing; run `agreelens prepare` (or `dvc repro`)")
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        word, _, count = line.rpartition("\t")
+        out[word] = int(count)
+    return out

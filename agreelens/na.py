@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from agreelens.config import Params
+from agreelens.corpus import read_counts
 from agreelens.model import default_device, load_model
 from agreelens.scoring import read_pairs, score_pairs
 from agreelens.stimuli import generate, write
@@ -30,7 +31,8 @@ def resolve_model(spec: str | Path) -> Path:
 
 def make_stimuli(params: Params, out: str | Path = "stimuli", report_path: str | Path = "metrics/stimuli.json") -> dict:
     vocab = Vocab.load(Path(params.prepare.out) / "vocab.txt")
-    records, report = generate(params.stimuli, vocab)
+    counts = read_counts(Path(params.prepare.out) / "counts.tsv")
+    records, report = generate(params.stimuli, vocab, counts)
     write(records, out)
     Path(report_path).parent.mkdir(parents=True, exist_ok=True)
     Path(report_path).write_text(json.dumps(report, indent=2) + "\n")

@@ -124,6 +124,10 @@ class StimuliConfig(BaseModel):
     n_per_condition: int = Field(200, ge=1)
     constructions: list[str] = list(CONSTRUCTIONS)
     restrict_to_vocab: bool = True
+    # number-carrying pools (nouns, verbs, location nouns): each form must occur at least this often in
+    # the training split, else the entry is dropped and reported (0 = off). A word-level LM learns a
+    # form's number only from its contexts; a plural seen 7 times is a test of frequency, not agreement.
+    min_count: int = Field(0, ge=0)
     # animate nouns: subjects and objects, [singular, plural]
     nouns: list[list[str]] = [
         ["boy", "boys"], ["girl", "girls"], ["man", "men"], ["woman", "women"],
@@ -310,7 +314,11 @@ def _record(construction: str, condition: str, idx: int, choice, obj_form: int, 
     }
 
 
-def generate(cfg: StimuliConfig, vocab: Vocab | None = None) -> tuple[list[dict], dict]:
+NUMBER_POOLS = ("nouns", "verbs", "location_nouns")
+
+
+def generate(cfg: StimuliConfig, vocab: Vocab | None = None,
+             counts: dict[str, int] | None = None) -> tuple[list[dict], dict]:
     """Stimulus records (minimal pairs, BLiMP fields included) and a report.
 
     The report holds ``pool_sizes`` (after any restriction), ``counts`` per construction and
@@ -335,12 +343,18 @@ def generate(cfg: StimuliConfig, vocab: Vocab | None = None) -> tuple[list[dict]
             dropped = {p: [e for e in pools[p] if any(w not in vocab for w in _forms(e))] for p in POOLS}
             pools = {p: [e for e in pools[p] if all(w in vocab for w in _forms(e))] for p in POOLS}
             report["dropped"] = dropped
+    if counts is not None and cfg.min_count > 0:
+        rare = {p: [e for e in pools[p] if any(counts.get(w, 0) < cfg.min_count for w in _forms(e))]
+                for p in NUMBER_POOLS}
+        pools.update({p: [e for e in pools[p] if e not in rare[p]] for p in NUMBER_POOLS})
+        report["rare"] = {p: [f"{w}={counts.get(w, 0)}" for e in rare[p] for w in _forms(e)] for p in NUMBER_POOLS}
     report["pool_sizes"] = {p: len(pools[p]) for p in POOLS}
 
     need = _required_sizes(cfg.constructions)
     short = [f"{p} has {len(pools[p])} usable entries, needs at least {k}" for p, k in need.items() if len(pools[p]) < k]
     if short:
         note = " after leaving out words missing from the vocabulary" if vocab is not None and cfg.restrict_to_vocab else ""
+        note += f" or seen fewer than {cfg.min_count} times" if counts is not None and cfg.min_count else ""
         raise ValueError(f"stimuli pools too small{note}: " + "; ".join(short) + f" (constructions {cfg.constructions})")
 
     records: list[dict] = []

@@ -22,6 +22,7 @@ from agreelens import tracking
 from agreelens.config import Params
 from agreelens.corpus import read_split
 from agreelens.model import RNNModel, default_device, save_model
+from agreelens.plots import plot_learning_curves
 from agreelens.vocab import Vocab
 
 _CRASH_AT_STEP = int(os.environ.get("AGREELENS_CRASH_AT_STEP", "0") or 0)
@@ -291,10 +292,12 @@ def train(params: Params, name: str, paths: Paths | None = None, quiet: bool = F
                    "stopped_early": st["stopped_early"], "device": device.type, "profile": params.profile}
         save_model(model.cpu(), vocab, paths.model_dir, extra={"name": name, "train": summary})
         write_curve(paths.curve, st["history"])
+        figure = plot_learning_curves([name], paths.curve.with_suffix(".png"), folder=paths.curve.parent)
         paths.metrics.parent.mkdir(parents=True, exist_ok=True)
         paths.metrics.write_text(json.dumps(summary, indent=2) + "\n")
         run.log_metrics({"best_valid_ppl": summary["best_valid_ppl"], "tokens_per_second": summary["tokens_per_second"]})
         run.log_artifact(paths.curve)
+        run.log_artifact(figure)
     paths.checkpoint.unlink(missing_ok=True)
     return summary
 

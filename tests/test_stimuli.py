@@ -259,3 +259,20 @@ def test_write_replaces_previous_output(tmp_path: Path, generated):
     with pytest.raises(ValueError):
         write([], out)
     assert (out / "simple.text").is_file()  # a failed write leaves the previous files alone
+
+
+def test_min_count_drops_rare_number_words_and_reports_them():
+    from agreelens.stimuli import StimuliConfig, generate
+
+    cfg = StimuliConfig(n_per_condition=3, constructions=["simple", "nounpp"], min_count=10)
+    counts = {w: 100 for pool in ("nouns", "verbs", "location_nouns") for pair in getattr(cfg, pool) for w in pair}
+    rare_noun, rare_verb = cfg.nouns[0], cfg.verbs[0]
+    counts[rare_noun[1]] = 9  # its plural seen 9 times: below the bar
+    counts.pop(rare_verb[0])  # never seen at all
+    records, report = generate(cfg, None, counts)
+    words = {w for r in records for w in r["sentence_good"].split() + r["sentence_bad"].split()}
+    assert not set(rare_noun) & words and not set(rare_verb) & words
+    assert f"{rare_noun[1]}=9" in report["rare"]["nouns"] and f"{rare_verb[0]}=0" in report["rare"]["verbs"]
+    assert report["pool_sizes"]["nouns"] == len(cfg.nouns) - 1
+    with pytest.raises(ValueError, match="seen fewer than 1000 times"):
+        generate(cfg.model_copy(update={"min_count": 1000}), None, counts)
