@@ -172,7 +172,8 @@ def train(params: Params, name: str, paths: Paths | None = None, quiet: bool = F
     sched = _make_scheduler(opt, params, total_steps)
     fingerprint = _fingerprint(params, paths, name)
     st = {"epoch": 0, "epoch_step": 0, "step": 0, "best_valid_ppl": float("inf"), "bad_evals": 0,
-          "history": [], "seconds": 0.0, "run_id": None, "stopped_early": False}
+          "history": [], "seconds": 0.0, "run_id": None, "stopped_early": False,
+          "window_loss": 0.0, "window_tokens": 0}  # training loss since the last evaluation
     hidden, best_state = None, None
 
     if paths.checkpoint.is_file():
@@ -211,7 +212,7 @@ def train(params: Params, name: str, paths: Paths | None = None, quiet: bool = F
         bar = tqdm(total=total_steps, initial=st["step"], desc=f"train {name}", unit="step",
                    disable=quiet, dynamic_ncols=True, mininterval=1.0)
         done = st["step"] >= total_steps or st["stopped_early"]
-        window_loss, window_tokens, t0 = 0.0, 0, time.perf_counter()
+        t0 = time.perf_counter()
         while not done and st["epoch"] < t.epochs:
             data = batchify(stream.epoch(t.seed, st["epoch"], t.shuffle), t.batch_size)
             if hidden is None:
@@ -231,22 +232,22 @@ def train(params: Params, name: str, paths: Paths | None = None, quiet: bool = F
                     sched.step()
                 st["step"] += 1
                 st["epoch_step"] = i + 1
-                window_loss += loss.item() * y.numel()
-                window_tokens += y.numel()
+                st["window_loss"] += loss.item() * y.numel()
+                st["window_tokens"] += y.numel()
                 now = time.perf_counter()
                 st["seconds"] += now - t0
                 t0 = now
                 bar.update(1)
                 if st["step"] % 20 == 0 or i + 1 == steps_per_epoch:
                     rate = bar.format_dict.get("rate") or 0.0  # steps/s, smoothed by tqdm
-                    avg = window_loss / window_tokens
+                    avg = st["window_loss"] / st["window_tokens"]
                     bar.set_postfix(epoch=st["epoch"] + 1, loss=f"{avg:.3f}", ppl=f"{math.exp(min(avg, 50)):.1f}",
                                     tok_s=f"{rate * y.numel():.0f}")
                 last = (i + 1 == steps_per_epoch) or st["step"] >= total_steps
                 if (i + 1) % eval_every == 0 or last:
                     vppl = stream_perplexity(model, valid, t.bptt)
                     t0 = time.perf_counter()
-                    train_ppl = math.exp(min(window_loss / max(window_tokens, 1), 50))
+                    train_ppl = math.exp(min(st["window_loss"] / max(st["window_tokens"], 1), 50))
                     point = {"step": st["step"], "epoch": round(st["step"] / steps_per_epoch, 3),
                              "tokens": st["step"] * t.batch_size * t.bptt, "train_ppl": round(train_ppl, 3),
                              "valid_ppl": round(vppl, 3), "lr": opt.param_groups[0]["lr"],
@@ -254,7 +255,7 @@ def train(params: Params, name: str, paths: Paths | None = None, quiet: bool = F
                     if na_pairs:
                         point.update(na_accuracy(model, vocab, na_pairs))
                     st["history"].append(point)
-                    window_loss, window_tokens = 0.0, 0
+                    st["window_loss"], st["window_tokens"] = 0.0, 0
                     run.log_metrics({k: v for k, v in point.items() if k not in ("step", "tokens", "seconds")},
                                     step=st["step"])
                     if not quiet:

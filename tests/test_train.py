@@ -85,3 +85,10 @@ def test_resume_after_kill_9_ends_identical_to_uninterrupted(project, tmp_path_f
     ma = json.loads((clean / "metrics" / "train_small.json").read_text())
     mb = json.loads((project / "metrics" / "train_small.json").read_text())
     assert ma["best_valid_ppl"] == mb["best_valid_ppl"] and ma["steps"] == mb["steps"] == 30
+
+    def curve(root):  # the learning curve without its wall-clock column
+        rows = [line.split(",") for line in (root / "plots" / "learning_small.csv").read_text().splitlines()]
+        drop = rows[0].index("seconds")
+        return [r[:drop] + r[drop + 1:] for r in rows]
+
+    assert curve(clean) == curve(project) and len(curve(project)) > 3
