@@ -66,11 +66,20 @@ class RNNModel(nn.Module):
         output, hidden = self.rnn(emb, hidden)
         return self.drop(output), hidden
 
+    def _adaptive(self, method: str, flat: torch.Tensor, *args):
+        """Call the adaptive softmax; under CUDA autocast it runs in fp32 (torch's implementation
+        index-copies fp32 log-probs into a tensor of the input's low-precision dtype and fails)."""
+        fn = getattr(self.decoder, method)
+        if flat.is_cuda and torch.is_autocast_enabled("cuda"):
+            with torch.autocast("cuda", enabled=False):
+                return fn(flat.float(), *args)
+        return fn(flat, *args)
+
     def loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean negative log-likelihood of ``targets`` given features of the same leading shape."""
         flat = features.reshape(-1, features.size(-1))
         if isinstance(self.decoder, nn.AdaptiveLogSoftmaxWithLoss):
-            return self.decoder(flat, targets.reshape(-1)).loss
+            return self._adaptive("forward", flat, targets.reshape(-1)).loss
         return F.cross_entropy(self.decoder(flat).float(), targets.reshape(-1))
 
     def target_log_probs(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -79,7 +88,7 @@ class RNNModel(nn.Module):
         shape = targets.shape
         flat = features.reshape(-1, features.size(-1))
         if isinstance(self.decoder, nn.AdaptiveLogSoftmaxWithLoss):
-            return self.decoder(flat, targets.reshape(-1)).output.reshape(shape)
+            return self._adaptive("forward", flat, targets.reshape(-1)).output.reshape(shape)
         logp = F.log_softmax(self.decoder(flat).float(), dim=-1)
         return logp.gather(1, targets.reshape(-1, 1)).reshape(shape)
 
@@ -87,7 +96,7 @@ class RNNModel(nn.Module):
         """Full next-word log-distribution, (..., V)."""
         flat = features.reshape(-1, features.size(-1))
         if isinstance(self.decoder, nn.AdaptiveLogSoftmaxWithLoss):
-            out = self.decoder.log_prob(flat)
+            out = self._adaptive("log_prob", flat)
         else:
             out = F.log_softmax(self.decoder(flat).float(), dim=-1)
         return out.reshape(*features.shape[:-1], -1)
