@@ -92,6 +92,44 @@ class RNNModel(nn.Module):
         logp = F.log_softmax(self.decoder(flat).float(), dim=-1)
         return logp.gather(1, targets.reshape(-1, 1)).reshape(shape)
 
+    def target_margin(self, features: torch.Tensor, good: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+        """log P(good | context) - log P(bad | context) for features (N, H) and word ids (N,).
+
+        Both words share the context, so the softmax normalisers cancel: with a full softmax the margin
+        is the difference of two logits; with an adaptive softmax, of two head logits (both words in
+        the head) or of two logits of one tail cluster. Only rows whose words sit in different clusters
+        pay for the normalisers (``target_log_probs``).
+        """
+        features = features.float()
+        if isinstance(self.decoder, nn.Linear):
+            w, b = self.decoder.weight, self.decoder.bias
+            return ((w[good] - w[bad]) * features).sum(-1) + (b[good] - b[bad])
+        dec = self.decoder
+        edges = torch.tensor([0, *dec.cutoffs], device=good.device)
+        cg = torch.bucketize(good, edges, right=True) - 1  # 0 = head, i = tail cluster i
+        cb = torch.bucketize(bad, edges, right=True) - 1
+        out = torch.empty(good.shape, dtype=features.dtype, device=features.device)
+        head = (cg == 0) & (cb == 0)
+        if head.any():
+            w = dec.head.weight
+            out[head] = ((w[good[head]] - w[bad[head]]) * features[head]).sum(-1)
+            if dec.head.bias is not None:
+                out[head] += dec.head.bias[good[head]] - dec.head.bias[bad[head]]
+        rest = ~head
+        for i in range(1, len(dec.cutoffs)):
+            rows = (cg == i) & (cb == i)
+            if rows.any():
+                proj, lin = dec.tail[i - 1][0], dec.tail[i - 1][1]
+                z = proj(features[rows])
+                g, b_ = good[rows] - dec.cutoffs[i - 1], bad[rows] - dec.cutoffs[i - 1]
+                out[rows] = ((lin.weight[g] - lin.weight[b_]) * z).sum(-1)
+                rest &= ~rows
+        if rest.any():
+            lp = self.target_log_probs(features[rest].unsqueeze(1).expand(-1, 2, -1),
+                                       torch.stack([good[rest], bad[rest]], 1))
+            out[rest] = lp[:, 0] - lp[:, 1]
+        return out
+
     def log_probs(self, features: torch.Tensor) -> torch.Tensor:
         """Full next-word log-distribution, (..., V)."""
         flat = features.reshape(-1, features.size(-1))

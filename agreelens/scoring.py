@@ -19,8 +19,10 @@ two target words; for ``sentence`` the tokens where the two sentences differ) ar
 vocabulary cannot be compared fairly: it is counted in ``oov`` and not scored. Unknown words in the
 shared context become ``<unk>``, as in training.
 
-Sequences are sorted by length, padded to the batch's longest (time-major) and run in one forward
-pass per batch under ``torch.inference_mode()`` with the model in eval mode.
+One-prefix pairs run through a trie of their prefixes: the LSTM steps once per distinct prefix, depth
+by depth, each batch of nodes continuing from its parents' states (NA prefixes share "<eos> the boy
+..."). Whole sentences are sorted by length, padded to the batch's longest (time-major) and run in one
+forward pass per batch. All under ``torch.inference_mode()`` with the model in eval mode.
 """
 
 from __future__ import annotations
@@ -199,20 +201,75 @@ def pair_margins(
     return margins, scored
 
 
+def _select(hidden, index: torch.Tensor):
+    """The recurrent state of the chosen batch columns ((layers, B, H) tensors; None stays None)."""
+    if hidden is None:
+        return None
+    return tuple(h.index_select(1, index) for h in hidden)
+
+
+def _cat(parts: list):
+    if parts[0] is None:
+        return None
+    return tuple(torch.cat(hs, dim=1) for hs in zip(*parts))
+
+
 def _score_fast(model, seqs, targets, batch_size, pad, device) -> torch.Tensor:
-    """log P(good) - log P(bad) after each prefix, read at the prefix's last position."""
-    order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k]))
-    out = torch.empty(len(seqs), dtype=torch.float64)
-    lengths = torch.tensor([len(s) for s in seqs])
+    """log P(good) - log P(bad) after each prefix, read at the prefix's last position.
+
+    Prefixes share their beginnings (every NA prefix starts "<eos> the", 15 verbs follow one "the boy"),
+    so the LSTM runs once per node of the prefix trie, depth by depth (``batch_size`` nodes per forward
+    pass), each node starting from its parent's state. An LSTM state depends only on the tokens read,
+    so this equals running every prefix on its own, with 4x fewer LSTM steps on the NA stimuli.
+    """
+    del pad  # no padding: a depth of the trie is a batch of equal-length prefixes
+    n = len(seqs)
+    out = torch.empty(n, dtype=torch.float64)
+    tokens: list[list[int]] = []  # per depth: the token of each node
+    parents: list[list[int]] = []  # per depth: the parent's index at the previous depth
+    index: dict[tuple[int, int, int], int] = {}
+    leaf = [0] * n
+    for k, seq in enumerate(seqs):
+        node = -1
+        for d, tok in enumerate(seq):
+            if d == len(tokens):
+                tokens.append([])
+                parents.append([])
+            key = (d, node, tok)
+            child = index.get(key)
+            if child is None:
+                child = index[key] = len(tokens[d])
+                tokens[d].append(tok)
+                parents[d].append(node)
+            node = child
+        leaf[k] = node
+    ending: dict[int, list[int]] = {}  # depth -> the pairs whose prefix ends there
+    for k, seq in enumerate(seqs):
+        ending.setdefault(len(seq) - 1, []).append(k)
     tgt = torch.tensor(targets, dtype=torch.long)
-    for chunk in _chunks(order, batch_size):
-        ids = _pad([seqs[k] for k in chunk], pad, device)
-        features, _ = model(ids)
-        b = len(chunk)
-        chunk_t = torch.tensor(chunk)
-        last = features[(lengths[chunk_t] - 1).to(device), torch.arange(b, device=device)]  # (B, H)
-        lp = model.target_log_probs(last.unsqueeze(1).expand(b, 2, last.size(-1)), tgt[chunk_t].to(device))
-        out[chunk_t] = (lp[:, 0] - lp[:, 1]).double().cpu()
+    hidden = None
+    for d, toks in enumerate(tokens):
+        ids = torch.tensor(toks, dtype=torch.long, device=device)
+        par = torch.tensor(parents[d], dtype=torch.long, device=device)
+        feats, states = [], []
+        for lo in range(0, len(toks), batch_size):
+            h0 = _select(hidden, par[lo : lo + batch_size]) if d else None
+            f, h = model(ids[lo : lo + batch_size].unsqueeze(0), h0)
+            feats.append(f[0])
+            states.append(h)
+        features = torch.cat(feats)
+        hidden = _cat(states) if d + 1 < len(tokens) else None
+        ends = ending.get(d)
+        if ends:
+            ends_t = torch.tensor(ends)
+            last = features[torch.tensor([leaf[k] for k in ends], device=device)]  # (E, H)
+            pair = tgt[ends_t].to(device)
+            if hasattr(model, "target_margin"):  # only the two words' logits: the normalisers cancel
+                margin = model.target_margin(last, pair[:, 0], pair[:, 1])
+            else:
+                lp = model.target_log_probs(last.unsqueeze(1).expand(len(ends), 2, last.size(-1)), pair)
+                margin = lp[:, 0] - lp[:, 1]
+            out[ends_t] = margin.double().cpu()
     return out
 
 

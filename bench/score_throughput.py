@@ -3,9 +3,10 @@
 Both score the NA-task stimuli (all seven constructions, ``--n-per-condition`` pairs per condition)
 with the one-prefix method on the same model:
 
-- ours: ``agreelens.scoring.pair_margins``: prefixes sorted by length, padded, one forward pass per
-  batch, both verb forms' log-probabilities read at the last prefix position with
-  ``target_log_probs`` (head + the words' own clusters of the adaptive softmax).
+- ours: ``agreelens.scoring.pair_margins``: the LSTM steps once per node of the prefix trie (shared
+  beginnings such as "<eos> the boy" run once), a depth per batch, and the margin of the two verb
+  forms is read at the last prefix position with ``RNNModel.target_margin`` (two logits; the softmax
+  normalisers cancel).
 - baseline: for each pair, forward ``<eos> + prefix`` of the good sentence alone, take the full
   log-softmax at its last position and read the good verb; the same again for the bad sentence.
 

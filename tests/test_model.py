@@ -49,3 +49,16 @@ def test_save_load_roundtrip_is_tensor_only(tmp_path):
     assert v2.itos == vocab.itos
     with pytest.raises(FileNotFoundError, match="not a model directory"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+def test_target_margin_equals_difference_of_log_probs(softmax):
+    """Normalisers cancel: head/head, tail/tail (same cluster) and cross-cluster pairs all agree."""
+    m = _model(softmax)
+    feats, _ = m(torch.randint(0, V, (1, 12)))
+    feats = feats[0]
+    good = torch.tensor([3, 60, 160, 10, 70, 299, 49, 100, 200, 5, 55, 250])
+    bad = torch.tensor([7, 90, 290, 120, 20, 151, 0, 149, 11, 6, 56, 251])
+    lp = m.log_probs(feats)
+    want = lp[torch.arange(12), good] - lp[torch.arange(12), bad]
+    assert torch.allclose(m.target_margin(feats, good, bad), want, atol=1e-5)

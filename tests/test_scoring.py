@@ -37,12 +37,14 @@ class BigramLM(nn.Module):
         super().__init__()
         self.register_buffer("table", torch.log_softmax(logits.double(), dim=-1))
         self.forwards = 0
+        self.tokens = 0
 
     def init_hidden(self, batch_size: int):
         return None
 
     def forward(self, input, hidden=None):
         self.forwards += 1
+        self.tokens += input.numel()
         return self.table[input], hidden
 
     def target_log_probs(self, features, targets):
@@ -193,9 +195,14 @@ def test_batching_invariance_and_one_forward_per_batch(vocab, stim_cfg, stimuli)
         one, s1 = pair_margins(model, vocab, stimuli, batch_size=1, method=method)
         many, s64 = pair_margins(model, vocab, stimuli, batch_size=64, method=method)
         assert torch.equal(one, many) and torch.equal(s1, s64)
-    model.forwards = 0
+    model.forwards = model.tokens = 0
     pair_margins(model, vocab, stimuli, batch_size=64, method="prefix")
-    assert model.forwards == math.ceil(len(stimuli) / 64)  # one prefix run per pair, batched
+    # the prefix trie: each distinct prefix (of a prefix) is stepped once, a depth at a time
+    prefixes = [("<eos>", *tokenize(p["one_prefix_prefix"])) for p in stimuli]
+    nodes = {pre[:d] for pre in prefixes for d in range(1, len(pre) + 1)}
+    depth = [sum(1 for v in nodes if len(v) == d) for d in range(1, max(map(len, prefixes)) + 1)]
+    assert model.tokens == len(nodes) < sum(map(len, prefixes))
+    assert model.forwards == sum(math.ceil(k / 64) for k in depth)
     model.forwards = 0
     pair_margins(model, vocab, stimuli, batch_size=64, method="sentence")
     assert model.forwards == math.ceil(2 * len(stimuli) / 64)  # good and bad sentence each
