@@ -100,7 +100,7 @@ class RNNModel(nn.Module):
         the head) or of two logits of one tail cluster. Only rows whose words sit in different clusters
         pay for the normalisers (``target_log_probs``).
         """
-        features = features.float()
+        features, good, bad = features.float(), good.contiguous(), bad.contiguous()
         if isinstance(self.decoder, nn.Linear):
             w, b = self.decoder.weight, self.decoder.bias
             return ((w[good] - w[bad]) * features).sum(-1) + (b[good] - b[bad])
