@@ -213,6 +213,107 @@ def table6(params: str = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None
 
 
 @app.command()
+def ablate(
+    model: str = typer.Option(..., "--model", "-m", help="model name under models/ or a model directory"),
+    units: str = typer.Option(..., "--units", "-u", help="comma-separated unit numbers: 1..H layer 1, H+1..2H layer 2"),
+    params: str = ParamsOpt,
+    profile: Optional[str] = ProfileOpt,
+    stimuli_dir: str = typer.Option("stimuli", "--stimuli", help="folder of NA stimuli (.jsonl)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (for scripts)"),
+) -> None:
+    """Table 7: NA accuracy per construction x condition, full model vs ablated units (each, then all)."""
+    from agreelens.ablation import run_ablate, table7_rows
+
+    p = _params(params, profile)
+    try:
+        r = run_ablate(p, model, units, stimuli_dir)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(err)
+    if as_json:
+        print(json.dumps(r))
+        return
+    header, rows = table7_rows(r)
+    t = Table(title=f"Table 7: ablation on {model} ({r['n']:,} pairs; '-': drop under {r['threshold']:g} points)")
+    for i, col in enumerate(header):
+        t.add_column(col, justify="left" if i < 2 else "right")
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)
+    console.print("overall: " + " · ".join(f"{k} {v:.1%}" for k, v in r["accuracy"].items()))
+
+
+@app.command()
+def sweep(
+    model: str = typer.Option(..., "--model", "-m", help="model name under models/ or a model directory"),
+    constructions: Optional[str] = typer.Option(
+        None, help="comma-separated constructions, e.g. nounpp,simple (default: analysis.sweep_constructions, else all)"
+    ),
+    params: str = ParamsOpt,
+    profile: Optional[str] = ProfileOpt,
+    stimuli_dir: str = typer.Option("stimuli", "--stimuli", help="folder of NA stimuli (.jsonl)"),
+    chunk: int = typer.Option(32, min=1, help="units ablated per pass"),
+) -> None:
+    """Ablate every unit alone; writes metrics/units_<model>.json, reports/figures/sweep_<model>.png."""
+    from agreelens.ablation import run_sweep
+
+    p = _params(params, profile)
+    cons = [c.strip() for c in constructions.split(",") if c.strip()] if constructions else None
+    try:
+        r, out, fig = run_sweep(p, model, cons, stimuli_dir, chunk=chunk)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(err)
+    t = Table(title=f"number units of {model}: ablation costs >= {r['threshold']:g} points in some condition")
+    for col in ("unit", "layer", "index", "max drop", "condition"):
+        t.add_column(col, justify="right")
+    for u in r["number_units"]:
+        t.add_row(str(u["unit"]), str(u["layer"]), str(u["index"]), f"{u['max_drop']:.1f}", u["condition"])
+    console.print(t)
+    console.print(f"{len(r['number_units'])} number unit(s) of {len(r['drops'])}, {r['pairs']:,} pairs, "
+                  f"{r['seconds']:.0f} s -> {out}, {fig}")
+
+
+@app.command()
+def units(
+    model: str = typer.Option(..., "--model", "-m", help="model name under models/ or a model directory"),
+    params: str = ParamsOpt,
+    profile: Optional[str] = ProfileOpt,
+    stimuli_dir: str = typer.Option("stimuli", "--stimuli", help="folder of NA stimuli (.jsonl)"),
+) -> None:
+    """Stage 8: Table 7 for the sweep's top number units (+ analysis.units), Figures 2-3, gate saturation."""
+    from agreelens.ablation import table7_rows
+    from agreelens.figures import run_units
+
+    p = _params(params, profile)
+    try:
+        r = run_units(p, model, stimuli_dir)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(err)
+    t7 = r["table7"]
+    header, rows = table7_rows(t7)
+    t = Table(title=f"Table 7: ablation on {model} ('-': drop under {t7['threshold']:g} points)")
+    for i, col in enumerate(header):
+        t.add_column(col, justify="left" if i < 2 else "right")
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)
+    tag = Path(model).name
+    console.print(f"figures: reports/figures/units_{tag}.png, reports/figures/saturation_{tag}.png")
+
+
+@app.command("build-report")
+def build_report(params: str = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """Stage 9: reports/report.md: Table 6, Table 7 of the discovered units, figures, the paper beside."""
+    from agreelens.report import build
+
+    p = _params(params, profile)
+    try:
+        out = build(p.model_names)
+    except (FileNotFoundError, KeyError) as err:
+        _fail(err)
+    console.print(f"wrote {out}")
+
+
+@app.command()
 def report(metrics: str = typer.Option("metrics", help="folder of the pipeline's metrics")) -> None:
     """Print the results table from the pipeline's metrics."""
     print_report(Path(metrics))

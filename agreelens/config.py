@@ -87,6 +87,16 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(64, ge=1)
 
 
+class AnalysisConfig(_Section):
+    """Stages ``sweep`` and ``figures``: number units, the paper's Figures 2-3, gate saturation."""
+
+    sweep_constructions: list[str] = []  # [] = all constructions of the stimuli
+    threshold: float = Field(10.0, gt=0, le=100)  # accuracy drop (points) that makes a number unit
+    top_units: int = Field(2, ge=0)  # plot the sweep's top units ...
+    units: list[int] = []  # ... and these (paper numbering: 1..H layer 1, H+1..2H layer 2)
+    saturation_tokens: int = Field(30000, ge=100)  # validation tokens for the gate-saturation figure
+
+
 class Params(_Section):
     profile: str = "default"
     data: DataConfig = DataConfig()
@@ -95,6 +105,7 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     stimuli: StimuliConfig = StimuliConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
 
     @property
     def model_names(self) -> list[str]:

@@ -1,0 +1,77 @@
+"""``reports/report.md``: the study in one page, built by ``dvc repro`` (stage ``report``) from the
+pipeline's metrics and figures: Table 6, the number units found by the sweep, Table 7 for them, the
+paper's Figures 2-3 for our units, gate saturation, and the paper's figures beside ours."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from agreelens.ablation import table7_rows
+from agreelens.na import PAPER_TABLE6, table6
+
+PAPER_UNITS = "776 (singular) and 988 (plural)"
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _read(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; run `dvc repro` to build it")
+    return json.loads(path.read_text())
+
+
+def build(names: list[str], metrics: str | Path = "metrics", out: str | Path = "reports/report.md") -> Path:
+    metrics, out = Path(metrics), Path(out)
+    parts = ["# agreelens report", "",
+             "How an LSTM language model trained on learner English tracks subject-verb agreement, and which "
+             "of its units do it. Built by `dvc repro` from `metrics/` and `reports/figures/`; the settings are "
+             "in `params.yaml`.", ""]
+    t6 = table6(names, metrics, out=None)
+    parts += ["## Table 6: perplexity and NA accuracy", "", t6.split("\n\n", 2)[2].strip(), ""]
+
+    parts += ["## Number units (ablation sweep)", "",
+              "Every unit of both layers ablated alone (its outgoing weights zeroed) on the NA stimuli; a "
+              "number unit costs at least the threshold in accuracy points in some condition. The paper "
+              f"(Lakretz et al. 2019 units, re-found in the seed study) names units {PAPER_UNITS} of a 650-unit model.", ""]
+    rows = []
+    for name in names:
+        sw = _read(metrics / f"units_{name}.json")
+        units = ", ".join(f"{u['unit']} (L{u['layer']}, -{u['max_drop']:.0f} in {u['condition']})"
+                          for u in sw["number_units"][:8]) or "none"
+        more = f" and {len(sw['number_units']) - 8} more" if len(sw["number_units"]) > 8 else ""
+        rows.append([name, f"{sw['layers']} x {sw['hidden_size']}", str(len(sw["number_units"])), units + more])
+    parts += [_markdown_table(["model", "LSTM", "number units", "strongest (layer, largest drop in points)"], rows), ""]
+
+    for name in names:
+        t7 = _read(metrics / f"table7_{name}.json")
+        header, rows7 = table7_rows(t7)
+        parts += [f"## Table 7 ({name}): accuracy (%) after ablating units {', '.join(map(str, t7['units']))}", "",
+                  f"'-': the drop is under {t7['threshold']:g} points, as in the paper.", "",
+                  _markdown_table(header, rows7), ""]
+
+    parts += ["## Figures", "",
+              "Cell state, hidden state, input and forget gate of the chosen units over nounpp sentences (the "
+              "paper's Figures 2-3; blue singular subject, red plural; solid: attractor of the same number, "
+              "dashed: of the other), and gate saturation (Karpathy et al. 2015: fraction of steps a gate is "
+              "below 0.1 vs above 0.9, one dot per unit).", "",
+              "| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    for kind in ("units", "saturation", "sweep"):
+        parts.append("| " + " | ".join(f"![{kind} {n}](figures/{kind}_{n}.png)" for n in names) + " |")
+    parts.append("")
+
+    ppl = {n: _read(metrics / "eval.json")[n]["test_ppl"] for n in names}
+    na = {n: _read(metrics / f"na_{n}.json")["accuracy"] for n in names}
+    cmp = [f"- **{n}**: test PPL {ppl[n]:.1f} (paper {PAPER_TABLE6.get(n, {}).get('ppl', '-')}), NA "
+           f"{na[n]:.1%} (paper {PAPER_TABLE6.get(n, {}).get('na', '-')} %)" for n in names]
+    parts += ["## Beside the paper", "", *cmp,
+              "- The paper's models read 52.5 M / 102.5 M tokens of BERT-augmented text on a GPU; the default "
+              "profile here reads the learner corpus (about 1.3 M / 2.5 M tokens) on 2 CPU cores, so "
+              "perplexities are not comparable (other corpus and vocabulary).", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts))
+    return out
