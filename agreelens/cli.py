@@ -300,6 +300,34 @@ def units(
     console.print(f"figures: reports/figures/units_{tag}.png, reports/figures/saturation_{tag}.png")
 
 
+@app.command()
+def probe(
+    model: str = typer.Option(..., "--model", "-m", help="model name under models/ or a model directory"),
+    params: str = ParamsOpt,
+    profile: Optional[str] = ProfileOpt,
+    stimuli_dir: str = typer.Option("stimuli", "--stimuli", help="folder of NA stimuli (.jsonl)"),
+) -> None:
+    """Probing classifiers: good vs bad sentence from max-pooled states, subject number per word."""
+    from agreelens.probe import run_probe, verb_decoding
+
+    p = _params(params, profile)
+    try:
+        r = run_probe(p, model, stimuli_dir)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(err)
+    cl, best = r["classifier"], verb_decoding(r)
+    t = Table(title=f"probes of {model}: held-out accuracy ({cl['n_heldout']:,} held-out sentences)")
+    for col in ("construction", "(a) good vs bad", "(b) before verb", "(b) at verb"):
+        t.add_column(col, justify="right")
+    for cons, v in cl["constructions"].items():
+        b = best.get(cons, {})
+        t.add_row(cons, f"{v['accuracy']:.1%}",
+                  *[f"{b[k][0]:.1%} ({b[k][1]})" if k in b else "-" for k in ("before", "at")])
+    console.print(t)
+    tag = Path(model).name
+    console.print(f"overall (a) {cl['accuracy']:.1%} -> metrics/probe_{tag}.json, reports/figures/probe_{tag}.png")
+
+
 @app.command("build-report")
 def build_report(params: str = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """Stage 9: reports/report.md: Table 6, Table 7 of the discovered units, figures, the paper beside."""

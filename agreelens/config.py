@@ -88,13 +88,17 @@ class EvaluateConfig(_Section):
 
 
 class AnalysisConfig(_Section):
-    """Stages ``sweep`` and ``figures``: number units, the paper's Figures 2-3, gate saturation."""
+    """Stages ``sweep``, ``units`` and ``probe``: number units, the paper's Figures 2-3, gate saturation,
+    probing classifiers."""
 
     sweep_constructions: list[str] = []  # [] = all constructions of the stimuli
     threshold: float = Field(10.0, gt=0, le=100)  # accuracy drop (points) that makes a number unit
     top_units: int = Field(2, ge=0)  # plot the sweep's top units ...
     units: list[int] = []  # ... and these (paper numbering: 1..H layer 1, H+1..2H layer 2)
     saturation_tokens: int = Field(30000, ge=100)  # validation tokens for the gate-saturation figure
+    probe_heldout: float = Field(0.25, gt=0, lt=1)  # share of each construction's pairs held out by the probes
+    probe_steps: int = Field(300, ge=1)  # full-batch Adam steps of each probe
+    probe_seed: int = 1  # seeds the pair-level train / held-out split
 
 
 class Params(_Section):

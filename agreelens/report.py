@@ -1,6 +1,7 @@
 """``reports/report.md``: the study in one page, built by ``dvc repro`` (stage ``report``) from the
 pipeline's metrics and figures: Table 6, the number units found by the sweep, Table 7 for them, the
-paper's Figures 2-3 for our units, gate saturation, and the paper's figures beside ours."""
+paper's Figures 2-3 for our units, gate saturation, probing classifiers, and the paper's figures beside
+ours."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from agreelens.ablation import table7_rows
 from agreelens.na import PAPER_TABLE6, table6
+from agreelens.probe import verb_decoding
 
 PAPER_UNITS = "776 (singular) and 988 (plural)"
 
@@ -63,6 +65,29 @@ def build(names: list[str], metrics: str | Path = "metrics", out: str | Path = "
     for kind in ("units", "saturation", "sweep"):
         parts.append("| " + " | ".join(f"![{kind} {n}](figures/{kind}_{n}.png)" for n in names) + " |")
     parts.append("")
+
+    probes = {n: _read(metrics / f"probe_{n}.json") for n in names}
+    cons = list(dict.fromkeys(c for r in probes.values() for c in r["classifier"]["constructions"]))
+    rows = [[n, f"{r['classifier']['accuracy']:.1%}",
+             *[f"{r['classifier']['constructions'][c]['accuracy']:.1%}" if c in r["classifier"]["constructions"]
+               else "-" for c in cons]] for n, r in probes.items()]
+    rows_b = []
+    for n, r in probes.items():
+        for c, best in verb_decoding(r).items():
+            rows_b.append([n, c, *[f"{best[k][0]:.1%} ({best[k][1]})" for k in ("before", "at")]])
+    first = next(iter(probes.values()))
+    parts += ["## Probing classifiers", "",
+              f"Frozen states, pairs split by pairID ({first['heldout']:.0%} of each construction's pairs held "
+              "out, both sentences of a pair on one side); held-out accuracy. (a) Good vs bad sentence from "
+              f"{first['features']}, max-pooled over the words: a feed-forward layer with sigmoid, then "
+              "log-softmax, trained with NLL.", "",
+              _markdown_table(["model", "all", *cons], rows), "",
+              "(b) Diagnostic classifiers (Giulianelli et al. 2018): logistic regression on c and h of each "
+              "layer decodes the subject's number at every word of the correct sentences. Best (layer.state) "
+              "accuracy at the word before the verb (the state that predicts it) and at the verb:", "",
+              _markdown_table(["model", "construction", "before the verb", "at the verb"], rows_b), "",
+              "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
+              "| " + " | ".join(f"![probe {n}](figures/probe_{n}.png)" for n in names) + " |", ""]
 
     ppl = {n: _read(metrics / "eval.json")[n]["test_ppl"] for n in names}
     na = {n: _read(metrics / f"na_{n}.json")["accuracy"] for n in names}

@@ -69,11 +69,14 @@ def test_tiny_dvc_repro_end_to_end_then_noop(clone):
     assert set(prep["splits"]) == {"train", "valid", "test"}
     units = json.loads((dst / "metrics" / "units_large.json").read_text())
     assert len(units["drops"]) == 2 * units["hidden_size"]  # every unit of both layers swept
+    probe = json.loads((dst / "metrics" / "probe_large.json").read_text())
+    assert 0 <= probe["classifier"]["accuracy"] <= 1 and "nounpp" in probe["diagnostic"]
     t7 = json.loads((dst / "metrics" / "table7_large.json").read_text())
     assert t7["units"] and "full" in t7["accuracy"]
     report = (dst / "reports" / "report.md").read_text()
     assert "Table 6" in report and "Table 7 (large)" in report and "figures/units_small.png" in report
-    for fig in ("units_large", "saturation_small", "sweep_large"):
+    assert "Probing classifiers" in report and "figures/probe_large.png" in report
+    for fig in ("units_large", "saturation_small", "sweep_large", "probe_small"):
         assert (dst / "reports" / "figures" / f"{fig}.png").stat().st_size > 10_000
 
     start = time.perf_counter()
