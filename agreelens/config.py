@@ -101,6 +101,14 @@ class AnalysisConfig(_Section):
     probe_seed: int = 1  # seeds the pair-level train / held-out split
 
 
+class RegistryConfig(_Section):
+    """Stage ``register``: MLflow Model Registry names and the promotion rule."""
+
+    prefix: str = "agreelens"  # registered names: <prefix>-small, <prefix>-large
+    tolerance: float = Field(0.01, ge=0, le=1)  # champion moves unless NA accuracy drops more than this
+    max_ppl: float = Field(1000.0, gt=0)  # and only when test perplexity is under this bound
+
+
 class Params(_Section):
     profile: str = "default"
     data: DataConfig = DataConfig()
@@ -110,6 +118,7 @@ class Params(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     stimuli: StimuliConfig = StimuliConfig()
     analysis: AnalysisConfig = AnalysisConfig()
+    registry: RegistryConfig = RegistryConfig()
 
     @property
     def model_names(self) -> list[str]:

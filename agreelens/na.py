@@ -21,7 +21,11 @@ BLIMP_DIR = Path("data") / "blimp"
 
 
 def resolve_model(spec: str | Path) -> Path:
-    """``large``, ``models/large`` or any model directory."""
+    """``large``, ``models/large``, any model directory, or a registry URI ``models:/<name>@<alias>``."""
+    if str(spec).startswith("models:/"):
+        from agreelens.registry import fetch
+
+        return fetch(str(spec))
     for cand in (Path(spec), Path("models") / str(spec)):
         if (cand / "model.safetensors").is_file():
             return cand

@@ -1,0 +1,105 @@
+"""MLflow Model Registry for the agreelens models: register with evidence, promote only a better model.
+
+A registered version is an MLflow pyfunc whose artifact is the plain model directory (safetensors +
+config + vocabulary, loaded with agreelens alone, tensors only) and whose ``predict`` scores minimal
+pairs. Promotion rule: alias ``champion`` moves to the new version only when its NA accuracy is not lower
+than the champion's by more than ``tolerance`` and its test perplexity is under ``max_ppl``; otherwise
+the version gets alias ``challenger`` and the reason is returned. ``models:/<name>@<alias>`` (or
+``/<version>``) resolves to a local model directory through :func:`fetch`.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow.pyfunc
+
+from agreelens import tracking
+
+PIP_REQUIREMENTS = ["torch==2.13.0", "safetensors>=0.4", "pyyaml>=6", "pydantic>=2", "numpy>=1.26"]
+
+
+class AgreementModel(mlflow.pyfunc.PythonModel):
+    """pyfunc: rows of BLiMP-style pairs in, per-pair margin log P(good) - log P(bad) out."""
+
+    def load_context(self, context):
+        from agreelens.model import load_model
+
+        self.model, self.vocab = load_model(context.artifacts["model_dir"])
+
+    def predict(self, context, model_input, params=None):
+        from agreelens.scoring import pair_margins
+
+        records = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
+        margins, _ = pair_margins(self.model, self.vocab, records)
+        return margins.tolist()
+
+
+@dataclass
+class Decision:
+    name: str
+    version: str
+    alias: str  # champion or challenger
+    reason: str
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    tracking.setup_env()
+    return MlflowClient()
+
+
+def promotion(new: dict, champion: dict | None, tolerance: float, max_ppl: float) -> tuple[bool, str]:
+    """``(promote, reason)`` from ``{"na_accuracy", "test_ppl"}`` of the new version and the champion."""
+    if new["test_ppl"] > max_ppl:
+        return False, f"test PPL {new['test_ppl']:.1f} is above the bound {max_ppl:g}"
+    if champion is None:
+        return True, "first version: no champion yet"
+    if new["na_accuracy"] < champion["na_accuracy"] - tolerance:
+        return False, (f"NA accuracy {new['na_accuracy']:.2%} is below the champion's "
+                       f"{champion['na_accuracy']:.2%} by more than {tolerance:.2%}")
+    return True, f"NA accuracy {new['na_accuracy']:.2%} vs champion {champion['na_accuracy']:.2%}"
+
+
+def register(model_dir: str | Path, name: str, metrics: dict, tags: dict | None = None,
+             artifacts: list[str | Path] = (), tolerance: float = 0.01, max_ppl: float = 1e9) -> Decision:
+    """Log ``model_dir`` as a pyfunc in a new run, register it as ``name`` and set its alias."""
+    tracking.setup_env()
+    client = _client()
+    mlflow.set_experiment("agreelens-registry")
+    with mlflow.start_run(run_name=f"register {name}"):
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        mlflow.set_tags({**(tags or {}), "git_commit": tracking.git_commit(), "data_dvc_md5": tracking.dvc_hash()})
+        for a in artifacts:
+            if Path(a).exists():
+                mlflow.log_artifact(str(a))
+        info = mlflow.pyfunc.log_model(name="model", python_model=AgreementModel(),
+                                       artifacts={"model_dir": str(model_dir)}, pip_requirements=PIP_REQUIREMENTS,
+                                       registered_model_name=name)
+    version = str(info.registered_model_version)
+    try:
+        champ = client.get_model_version_by_alias(name, "champion")
+        champ_metrics = client.get_run(champ.run_id).data.metrics
+    except Exception:  # noqa: BLE001 - no champion yet
+        champ_metrics = None
+    promote, reason = promotion(metrics, champ_metrics, tolerance, max_ppl)
+    alias = "champion" if promote else "challenger"
+    client.set_registered_model_alias(name, alias, version)
+    client.set_model_version_tag(name, version, "promotion", reason)
+    return Decision(name, version, alias, reason)
+
+
+def fetch(uri: str, dst: str | Path | None = None) -> Path:
+    """``models:/name@alias`` or ``models:/name/version`` -> a local agreelens model directory."""
+    if not uri.startswith("models:/"):
+        raise ValueError(f"{uri!r} is not a registry URI (models:/<name>@<alias> or models:/<name>/<version>)")
+    tracking.setup_env()
+    dst = Path(dst or tempfile.mkdtemp(prefix="agreelens-registry-"))
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    found = sorted(local.rglob("model.safetensors"))
+    if not found:
+        raise FileNotFoundError(f"{uri}: the registered model holds no agreelens model directory")
+    return found[0].parent

@@ -1,0 +1,67 @@
+"""MLflow registry: promotion rule with known answers, and a real tiny registry (sqlite in tmp)."""
+
+from __future__ import annotations
+
+import torch
+
+from agreelens.registry import promotion
+
+
+def test_promotion_rule():
+    assert promotion({"na_accuracy": 0.6, "test_ppl": 40}, None, 0.01, 100) == (True, "first version: no champion yet")
+    assert promotion({"na_accuracy": 0.595, "test_ppl": 40}, {"na_accuracy": 0.6}, 0.01, 100)[0]  # within tolerance
+    ok, why = promotion({"na_accuracy": 0.55, "test_ppl": 40}, {"na_accuracy": 0.6}, 0.01, 100)
+    assert not ok and "below the champion" in why
+    ok, why = promotion({"na_accuracy": 0.9, "test_ppl": 400}, {"na_accuracy": 0.6}, 0.01, 100)
+    assert not ok and "above the bound" in why
+
+
+def test_register_promote_and_fetch(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    from agreelens.config import ModelConfig
+    from agreelens.model import RNNModel, load_model, save_model
+    from agreelens.registry import fetch, register
+    from agreelens.vocab import Vocab
+
+    torch.manual_seed(0)
+    vocab = Vocab(["<eos>", "<unk>", "the", "boy", "boys", "likes", "like"])
+    model = RNNModel(len(vocab), ModelConfig(emb_size=8, hidden_size=8, layers=2, dropout=0.0, softmax="full"))
+    mdir = save_model(model, vocab, tmp_path / "models" / "tiny")
+    first = register(mdir, "agreelens-tiny", {"na_accuracy": 0.6, "test_ppl": 50})
+    worse = register(mdir, "agreelens-tiny", {"na_accuracy": 0.5, "test_ppl": 50}, tolerance=0.01)
+    better = register(mdir, "agreelens-tiny", {"na_accuracy": 0.7, "test_ppl": 45})
+    assert (first.alias, worse.alias, better.alias) == ("champion", "challenger", "champion")
+    assert "below the champion" in worse.reason and better.version == "3"
+    local = fetch("models:/agreelens-tiny@champion", tmp_path / "dl")
+    m2, v2 = load_model(local)
+    x = torch.tensor([[0], [2], [3]])
+    assert torch.equal(model.eval()(x)[0], m2(x)[0]) and v2.itos == vocab.itos
+
+
+def test_pyfunc_predict_and_score_by_uri(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    import mlflow.pyfunc
+    import pandas as pd
+
+    from agreelens.config import ModelConfig
+    from agreelens.model import RNNModel, save_model
+    from agreelens.na import resolve_model
+    from agreelens.registry import register
+    from agreelens.scoring import pair_margins
+    from agreelens.vocab import Vocab
+
+    torch.manual_seed(1)
+    vocab = Vocab(["<eos>", "<unk>", "the", "boy", "boys", "likes", "like"])
+    model = RNNModel(len(vocab), ModelConfig(emb_size=8, hidden_size=8, layers=2, dropout=0.0, softmax="full")).eval()
+    mdir = save_model(model, vocab, tmp_path / "m")
+    register(mdir, "agreelens-t", {"na_accuracy": 0.5, "test_ppl": 10})
+    pairs = [{"sentence_good": "the boy likes", "sentence_bad": "the boy like", "UID": "x", "pairID": "0",
+              "one_prefix_prefix": "the boy", "one_prefix_word_good": "likes", "one_prefix_word_bad": "like"},
+             {"sentence_good": "the boys like", "sentence_bad": "the boys likes", "UID": "x", "pairID": "1"}]
+    want, _ = pair_margins(model, vocab, pairs)
+    got = mlflow.pyfunc.load_model("models:/agreelens-t@champion").predict(pd.DataFrame(pairs))
+    assert torch.allclose(torch.tensor(got, dtype=torch.float64), want, atol=1e-9)
+    assert (resolve_model("models:/agreelens-t@champion") / "model.safetensors").is_file()
