@@ -348,24 +348,13 @@ def register(
     profile: Optional[str] = ProfileOpt,
 ) -> None:
     """Register a trained model in the MLflow Model Registry; `champion` moves only to a better model."""
-    from agreelens.registry import register as do_register
+    from agreelens.registry import register_model
 
     p = _params(params, profile)
     try:
-        ev = json.loads(Path("metrics/eval.json").read_text())[model]
-        na = json.loads(Path(f"metrics/na_{model}.json").read_text())
-    except (OSError, KeyError, ValueError) as err:
-        _fail(FileNotFoundError(f"no metrics for '{model}' ({err}); run `dvc repro` first"))
-    metrics = {"test_ppl": ev["test_ppl"], "na_accuracy": na["accuracy"],
-               **{f"na_{k}": v["accuracy"] for k, v in na.get("constructions", {}).items()},
-               **{f"na_{k.replace('/', '_')}": v["accuracy"] for k, v in na.get("groups", {}).items()}}
-    if "blimp" in na:
-        metrics["blimp_accuracy"] = na["blimp"]["accuracy"]
-    units = Path(f"metrics/units_{model}.json")
-    tags = {"number_units": ",".join(str(u["unit"]) for u in json.loads(units.read_text())["number_units"])} if units.is_file() else {}
-    d = do_register(Path("models") / model, f"{p.registry.prefix}-{model}", metrics, tags,
-                    artifacts=["reports/report.md", f"reports/figures/units_{model}.png"],
-                    tolerance=p.registry.tolerance, max_ppl=p.registry.max_ppl)
+        d = register_model(p, model)
+    except FileNotFoundError as err:
+        _fail(err)
     console.print(f"{d.name} version {d.version} -> @{d.alias}: {d.reason}")
 
 

@@ -103,3 +103,26 @@ def fetch(uri: str, dst: str | Path | None = None) -> Path:
     if not found:
         raise FileNotFoundError(f"{uri}: the registered model holds no agreelens model directory")
     return found[0].parent
+
+
+def register_model(params, name: str, metrics_dir: str | Path = "metrics", models_dir: str | Path = "models") -> Decision:
+    """Register ``models/<name>`` as ``<registry.prefix>-<name>`` with the pipeline's metrics as evidence."""
+    import json
+
+    metrics_dir = Path(metrics_dir)
+    try:
+        ev = json.loads((metrics_dir / "eval.json").read_text())[name]
+        na = json.loads((metrics_dir / f"na_{name}.json").read_text())
+    except (OSError, KeyError, ValueError) as err:
+        raise FileNotFoundError(f"no metrics for '{name}' in {metrics_dir}/ ({err}); run `dvc repro` first") from None
+    metrics = {"test_ppl": ev["test_ppl"], "na_accuracy": na["accuracy"],
+               **{f"na_{k}": v["accuracy"] for k, v in na.get("constructions", {}).items()},
+               **{f"na_{k.replace('/', '_')}": v["accuracy"] for k, v in na.get("groups", {}).items()}}
+    if "blimp" in na:
+        metrics["blimp_accuracy"] = na["blimp"]["accuracy"]
+    units = metrics_dir / f"units_{name}.json"
+    tags = {"number_units": ",".join(str(u["unit"]) for u in json.loads(units.read_text())["number_units"])} \
+        if units.is_file() else {}
+    return register(Path(models_dir) / name, f"{params.registry.prefix}-{name}", metrics, tags,
+                    artifacts=["reports/report.md", f"reports/figures/units_{name}.png"],
+                    tolerance=params.registry.tolerance, max_ppl=params.registry.max_ppl)
