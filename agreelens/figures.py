@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from agreelens.plots import save_figure  # noqa: E402
 from agreelens.text import tokenize  # noqa: E402
 from agreelens.trace import trace, unit_to_layer_index  # noqa: E402
 from agreelens.vocab import Vocab  # noqa: E402
@@ -85,14 +86,7 @@ def plot_unit_dynamics(dyn: dict, path: str | Path, title: str = "") -> Path:
             ax.set_xticks(x)
             ax.set_xticklabels(dyn["words"], rotation=45, ha="right", fontsize=8)
     axes[0][0].legend(fontsize=8, title="condition", title_fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 @torch.inference_mode()
@@ -145,14 +139,7 @@ def plot_gate_saturation(sat: dict[str, torch.Tensor], path: str | Path, highlig
             ax.set_xlabel("fraction left-saturated (< 0.1)", fontsize=8)
             ax.set_ylabel("fraction right-saturated (> 0.9)", fontsize=8)
             ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 # ---------------------------------------------------------------------------------------- stages

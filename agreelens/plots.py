@@ -45,3 +45,17 @@ def plot_learning_curves(names: list[str], figure: str | Path, folder: str | Pat
     fig.savefig(figure, dpi=120)
     plt.close(fig)
     return figure
+
+
+def save_figure(fig, path, title: str = "", dpi: int = 110) -> Path:
+    """Title, tight layout, write ``path`` (folders made), close the figure; returns the path."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

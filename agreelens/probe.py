@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from agreelens.plots import save_figure  # noqa: E402
 from agreelens.text import tokenize  # noqa: E402
 from agreelens.trace import trace  # noqa: E402
 
@@ -207,14 +208,7 @@ def plot_probe(result: dict, path: str | Path, title: str = "") -> Path:
     bar.set_title(f"(a) good vs bad, held-out {result['classifier']['accuracy']:.0%}", fontsize=9)
     for ax in flat[len(diag) + 1 :]:
         ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def verb_decoding(result: dict) -> dict[str, dict]:

@@ -11,6 +11,17 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one torch thread is fastest and spares a shared CPU from OpenMP spin-waits."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def restored_data(tmp_path_factory) -> Path:
     """The real corpora, restored from the committed archives into a temporary folder."""

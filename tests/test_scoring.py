@@ -21,12 +21,8 @@ N = 10  # pairs per condition
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest, and spares a shared, busy CPU from OpenMP spin-waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 class BigramLM(nn.Module):

@@ -25,11 +25,8 @@ V, E, H, T, B = 40, 10, 16, 7, 3
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def make_model(softmax="full", seed=0):
