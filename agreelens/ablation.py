@@ -427,12 +427,9 @@ def plot_sweep(result: dict, path: str | Path, top: int = 40, title: str = "") -
     ax.set_title(title or f"accuracy drop when one unit is ablated (top {len(ranked)}; "
                           f"* >= {result['threshold']:g} points)", fontsize=9)
     fig.colorbar(im, ax=ax, label="accuracy drop (points)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from agreelens.plots import save_figure
+
+    return save_figure(fig, path, dpi=120)
 
 
 # ---------------------------------------------------------------------------------------- stages

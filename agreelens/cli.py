@@ -212,6 +212,19 @@ def table6(params: str = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None
     print_report(Path("metrics"))
 
 
+def _print_table7(result: dict, model: str) -> None:
+    from agreelens.ablation import table7_rows
+
+    header, rows = table7_rows(result)
+    t = Table(title=f"Table 7: ablation on {model} ({result['n']:,} pairs; '-': drop under "
+                    f"{result['threshold']:g} points)")
+    for i, col in enumerate(header):
+        t.add_column(col, justify="left" if i < 2 else "right")
+    for row in rows:
+        t.add_row(*row)
+    console.print(t)
+
+
 @app.command()
 def ablate(
     model: str = typer.Option(..., "--model", "-m", help="model name under models/ or a model directory"),
@@ -222,7 +235,7 @@ def ablate(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (for scripts)"),
 ) -> None:
     """Table 7: NA accuracy per construction x condition, full model vs ablated units (each, then all)."""
-    from agreelens.ablation import run_ablate, table7_rows
+    from agreelens.ablation import run_ablate
 
     p = _params(params, profile)
     try:
@@ -232,13 +245,7 @@ def ablate(
     if as_json:
         print(json.dumps(r))
         return
-    header, rows = table7_rows(r)
-    t = Table(title=f"Table 7: ablation on {model} ({r['n']:,} pairs; '-': drop under {r['threshold']:g} points)")
-    for i, col in enumerate(header):
-        t.add_column(col, justify="left" if i < 2 else "right")
-    for row in rows:
-        t.add_row(*row)
-    console.print(t)
+    _print_table7(r, model)
     console.print("overall: " + " · ".join(f"{k} {v:.1%}" for k, v in r["accuracy"].items()))
 
 
@@ -280,7 +287,6 @@ def units(
     stimuli_dir: str = typer.Option("stimuli", "--stimuli", help="folder of NA stimuli (.jsonl)"),
 ) -> None:
     """Stage 8: Table 7 for the sweep's top number units (+ analysis.units), Figures 2-3, gate saturation."""
-    from agreelens.ablation import table7_rows
     from agreelens.figures import run_units
 
     p = _params(params, profile)
@@ -288,14 +294,7 @@ def units(
         r = run_units(p, model, stimuli_dir)
     except (FileNotFoundError, ValueError) as err:
         _fail(err)
-    t7 = r["table7"]
-    header, rows = table7_rows(t7)
-    t = Table(title=f"Table 7: ablation on {model} ('-': drop under {t7['threshold']:g} points)")
-    for i, col in enumerate(header):
-        t.add_column(col, justify="left" if i < 2 else "right")
-    for row in rows:
-        t.add_row(*row)
-    console.print(t)
+    _print_table7(r["table7"], model)
     tag = Path(model).name
     console.print(f"figures: reports/figures/units_{tag}.png, reports/figures/saturation_{tag}.png")
 
