@@ -1,0 +1,371 @@
+"""Agreement checker: the site finder on hand-written sentences, verdicts of hand-set LMs (known margins),
+one batched forward, calibration, the explanation's ablation against `agreelens ablate`'s code and against
+weight-zeroed copies, model loading with a fallback, the CLI."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from agreelens.ablation import ablate, verb_margins
+from agreelens.checker import (Checker, InputError, Lexicon, _best_f1, blimp_examples, calibrate, find_sites,
+                               load_checker, morph_pairs, token_spans, validate_pairs, validate_text,
+                               verb_evidence)
+from agreelens.config import ModelConfig
+from agreelens.model import RNNModel, save_model
+from agreelens.scoring import pair_margins, score_pairs
+from agreelens.stimuli import StimuliConfig
+from agreelens.trace import trace, unit_to_layer_index
+from agreelens.vocab import Vocab
+from tests.conftest import run_cli
+from tests.test_scoring import BigramLM
+
+WORDS = """the a boy boys girl girls car cars dog dogs man men near who cats cat is are was were has have does
+do doesn't don't isn't aren't like likes make makes walk walks want wants go goes to he she it they we i you
+these this that those there where red here sense long . , ? school every day and think thinks carry carries
+watch watches its his""".split()
+VERBS = [("like", "likes"), ("make", "makes"), ("walk", "walks"), ("want", "wants"), ("go", "goes"),
+         ("think", "thinks")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread(one_thread):
+    yield
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return Vocab(["<eos>", "<unk>", *dict.fromkeys(WORDS)])
+
+
+@pytest.fixture(scope="module")
+def lexicon(vocab):
+    return Lexicon.from_vocab(vocab, VERBS, source="test")
+
+
+def sites_of(sentence, lexicon, vocab):
+    return [(s.position, s.word, s.kind, s.number, s.alternate) for s in find_sites(sentence.split(), lexicon, vocab)]
+
+
+# ---------------------------------------------------------------------------------------- sites
+
+
+@pytest.mark.parametrize("sentence, expected", [
+    ("the boys near the car likes the girl .", [(5, "likes", "verb", "singular", "like")]),
+    ("the boy who like cats is here .", [(3, "like", "verb", "plural", "likes"), (5, "is", "aux", "singular", "are")]),
+    ("where are the boys ?", []),  # inverted question: the subject comes after the auxiliary
+    ("there is a dog .", []),  # expletive: the number is the noun's after it
+    ("are the boys here ?", []),  # sentence-initial auxiliary
+    ("he doesn't like cats .", [(1, "doesn't", "aux", "singular", "don't")]),  # like: after do-support
+    ("i want to go .", [(1, "want", "verb", "plural", "wants")]),  # go: after to
+    ("these car is red .", [(1, "car", "noun", "singular", "cars"), (2, "is", "aux", "singular", "are")]),
+    ("that makes sense .", [(1, "makes", "verb", "singular", "make")]),
+    ("the walks are long .", [(2, "are", "aux", "plural", "is")]),  # walks after "the": a noun
+    ("he walk to school every day , and they goes .",
+     [(1, "walk", "verb", "plural", "walks"), (9, "goes", "verb", "singular", "go")]),
+    ("the boys carry cats .", []),  # carry/carries is no verb of this lexicon
+    ("the dogs barks .", []),  # barks is not in the vocabulary
+])
+def test_site_finder_on_hand_written_sentences(sentence, expected, lexicon, vocab):
+    assert sites_of(sentence, lexicon, vocab) == expected
+
+
+def test_noun_site_names_its_determiner(lexicon, vocab):
+    (site,) = [s for s in find_sites("i like those dog .".split(), lexicon, vocab) if s.kind == "noun"]
+    assert (site.position, site.controller, site.alternate) == (3, 2, "dogs")
+
+
+def test_morphology_and_corpus_evidence(vocab):
+    pairs = morph_pairs(vocab)
+    assert {("boy", "boys"), ("carry", "carries"), ("watch", "watches"), ("go", "goes"), ("man", "men")} <= set(pairs)
+    assert not {p for p in pairs if p[0] in ("i", "it", "a", "hi")}  # i/is, it/its are never a pair
+    lines = ["he likes cats .", "they like dogs .", "i like you .", "the boys like it .", "she watches it .",
+             "we watch it .", "you watch us ."]
+    verbs = verb_evidence(lines, pairs=pairs)
+    assert ("like", "likes") in verbs and ("watch", "watches") in verbs
+    assert ("boy", "boys") not in verbs and ("cat", "cats") not in verbs
+
+
+def test_validate_text_statuses():
+    assert validate_text("The boy runs. The girls run.") == ["The boy runs.", "The girls run."]
+    cases = [(5, 400, "must be a string"), ("", 400, "empty"), (" \n\t ", 400, "empty"),
+             ("bad \x07 bell", 400, r"U\+0007"), ("x" * 11, 413, "limit is 10"),
+             ("A b. C d. E f.", 413, "3 sentences")]
+    for text, status, msg in cases:
+        with pytest.raises(InputError, match=msg) as err:
+            validate_text(text, max_chars=10 if text == "x" * 11 else 100, max_sentences=2)
+        assert err.value.status == status
+
+
+def test_token_spans_point_into_the_sentence():
+    s = "The boys' dogs don't bark."
+    spans = token_spans(s)
+    assert [s[a:b].lower() for a, b in spans] == ["the", "boys'", "dogs", "don't", "bark", "."]
+
+
+# ---------------------------------------------------------------------------------------- verdicts
+
+
+def agreement_bigram(vocab, gap=3.0):
+    """After a singular noun 'likes'/'is' get +gap, after a plural noun 'like'/'are' (margins are exactly
+    +-gap: the normalisers cancel); every other context is uniform."""
+    logits = torch.zeros(len(vocab), len(vocab))
+    for sg in ("boy", "girl", "dog", "car", "man"):
+        logits[vocab.stoi[sg], [vocab.stoi["likes"], vocab.stoi["is"]]] = gap
+    for pl in ("boys", "girls", "dogs", "cars", "men"):
+        logits[vocab.stoi[pl], [vocab.stoi["like"], vocab.stoi["are"]]] = gap
+    return BigramLM(logits)
+
+
+def test_verdicts_of_a_hand_set_model(vocab, lexicon):
+    model = agreement_bigram(vocab)
+    checker = Checker(model, vocab, lexicon, threshold=0.0, scale=1.0, name="bigram", calibrated=True)
+    r = checker.check("The boy likes the girl. The boys Likes the girl. The dogs like the car and the car are red.")
+    assert model.forwards == 1  # one batched forward for every sentence
+    s0, s1, s2 = r["sentences"]
+    (a,) = s0["sites"]
+    assert (a["word"], a["verdict"], a["suggestion"]) == ("likes", "ok", None)
+    assert a["margin"] == pytest.approx(3.0, abs=1e-6)
+    assert a["confidence"] == pytest.approx(1 / (1 + math.exp(-3.0)), abs=1e-4)
+    (b,) = s1["sites"]
+    assert (b["word"], b["verdict"], b["suggestion"], b["alternate"]) == ("likes", "error", "Like", "like")
+    assert b["margin"] == pytest.approx(-3.0, abs=1e-6) and b["site"] == 1
+    assert s1["text"][b["span"][0]:b["span"][1]] == "Likes"
+    assert [(x["word"], x["verdict"]) for x in s2["sites"]] == [("like", "ok"), ("are", "error")]
+    assert r["n_sites"] == 4 and r["n_errors"] == 2 and r["notes"] == []
+    # the threshold moves verdicts: at -4 nothing is an error, at +4 the correct sites are too
+    assert Checker(model, vocab, lexicon, threshold=-4.0).check("The boys likes it.")["n_errors"] == 0
+    assert Checker(model, vocab, lexicon, threshold=4.0).check("The boy likes it.")["n_errors"] == 1
+
+
+def test_unknown_words_are_read_as_unk_and_reported(vocab, lexicon):
+    checker = Checker(agreement_bigram(vocab), vocab, lexicon)
+    r = checker.check("The zebra likes the girl.")
+    (s,) = r["sentences"]
+    assert s["unknown"] == [1] and r["unknown"] == ["zebra"]
+    assert any("<unk>" in n and "zebra" in n for n in r["notes"])
+    assert any("not calibrated" in n for n in r["notes"])
+    (site,) = s["sites"]
+    assert site["context_unknown"] == 1 and site["margin"] == pytest.approx(0.0, abs=1e-9)  # uniform after <unk>
+
+
+def test_check_many_equals_check_and_margins_equal_the_scorer(vocab, lexicon):
+    torch.manual_seed(0)
+    model = RNNModel(len(vocab), ModelConfig(emb_size=8, hidden_size=8, dropout=0.0, softmax="adaptive",
+                                             cutoffs=[20, 60], div_value=2.0)).eval()
+    checker = Checker(model, vocab, lexicon, batch_size=2)
+    texts = ["The boy likes the girl. These car is red.", "He walk to school every day, and they goes."]
+    many = checker.check_many(texts)
+    assert many == [checker.check(t) for t in texts]
+    # each site's margin is the one-prefix scorer's on the same pair
+    for sent in many[0]["sentences"] + many[1]["sentences"]:
+        for s in sent["sites"]:
+            pair = {"one_prefix_prefix": " ".join(sent["tokens"][:s["position"]]), "one_prefix_word_good": s["word"],
+                    "one_prefix_word_bad": s["alternate"], "sentence_good": "x", "sentence_bad": "y",
+                    "UID": "u", "pairID": "0"}
+            m, _ = pair_margins(model, vocab, [pair])
+            assert s["margin"] == pytest.approx(float(m[0]), abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------- calibration
+
+
+def test_best_f1_threshold():
+    margins = torch.tensor([-3.0, -2.0, -1.5, 1.0, 2.0, 3.0], dtype=torch.float64)
+    labels = torch.tensor([1, 1, 0, 1, 0, 0])
+    thr, best = _best_f1(margins, labels)
+    # errors predicted below thr: {-3,-2} gives F1 0.8, {-3,-2,-1.5,1} gives 6/7; the best
+    assert -1.0 < thr < 2.0 and best["f1"] == pytest.approx(round(6 / 7, 4))
+    thr, best = _best_f1(torch.tensor([-2.0, -1.0, 1.0, 2.0]), torch.tensor([1, 1, 0, 0]))
+    assert -1.0 < thr < 1.0 and best["f1"] == 1.0 and best["precision"] == best["recall"] == 1.0
+
+
+def test_calibrate_on_blimp_pairs_and_swapped_sentences(vocab, lexicon):
+    model = agreement_bigram(vocab, gap=2.0)
+    blimp = [
+        {"sentence_good": "The boy likes the girl.", "sentence_bad": "The boy like the girl.", "UID": "r1", "pairID": "0"},
+        {"sentence_good": "The boys like the girl.", "sentence_bad": "The boy like the girl.", "UID": "r2", "pairID": "1"},
+        {"sentence_good": "The boy is red.", "sentence_bad": "The boys is red.", "UID": "r2", "pairID": "2"},
+        {"sentence_good": "The dog runs.", "sentence_bad": "The dogs runs.", "UID": "r2", "pairID": "3"},  # no site
+    ]
+    sents, sites, labels, covered = blimp_examples(lexicon, vocab, blimp)
+    assert covered == 3 and labels == [0, 1, 0, 1, 0, 1]
+    test = ["the boy likes the girl .", "the dogs are red .", "where is the car ?", "the men like it ."]
+    r = calibrate(model, vocab, lexicon, blimp, test)
+    assert r["f1"] == 1.0 and r["precision"] == 1.0 and r["recall"] == 1.0
+    assert -2.0 < r["threshold"] < 2.0
+    assert r["n"] == 6 + 2 * 3 and r["errors"] == 3 + 3
+    assert r["sources"]["blimp"]["covered"] == 3 and r["sources"]["test"]["with_sites"] == 3
+    assert r["scale"] > 0
+
+
+# ---------------------------------------------------------------------------------------- explain
+
+H = 8
+
+
+@pytest.fixture(scope="module")
+def na_vocab():
+    cfg = StimuliConfig(n_per_condition=4)
+    words = {"the", "and", "."}
+    for pool in ("nouns", "verbs", "location_nouns"):
+        for sg, pl in getattr(cfg, pool):
+            words.update((sg, pl))
+    for pool in ("adverbs", "manner_adverbs", "prepositions", "names"):
+        words.update(getattr(cfg, pool))
+    return Vocab(["<eos>", "<unk>", *sorted(words)]), cfg
+
+
+def random_lstm(vocab, softmax, seed=0):
+    torch.manual_seed(seed)
+    model = RNNModel(len(vocab), ModelConfig(emb_size=H, hidden_size=H, layers=2, dropout=0.0, softmax=softmax,
+                                             cutoffs=[20, 60], div_value=2.0)).eval()
+    with torch.no_grad():
+        for p in model.rnn.parameters():
+            p.uniform_(-0.8, 0.8)
+        model.encoder.weight.uniform_(-1, 1)
+    return model
+
+
+def zero_outgoing(model, units):
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for unit in units:
+            layer, j = unit_to_layer_index(unit, H, 2)
+            getattr(m.rnn, f"weight_hh_l{layer - 1}")[:, j] = 0
+            if layer == 1:
+                m.rnn.weight_ih_l1[:, j] = 0
+            elif isinstance(m.decoder, torch.nn.Linear):
+                m.decoder.weight[:, j] = 0
+            else:
+                m.decoder.head.weight[:, j] = 0
+                for tail in m.decoder.tail:
+                    tail[0].weight[:, j] = 0
+    return m
+
+
+@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+def test_explanation_ablation_equals_agreelens_ablate(na_vocab, softmax):
+    vocab, cfg = na_vocab
+    model = random_lstm(vocab, softmax)
+    units = [2, 7, 9, 14]
+    verbs = [(base, third) for third, base in cfg.verbs]  # the pools list [likes, like]
+    checker = Checker(model, vocab, Lexicon.from_vocab(vocab, verbs), units=units, stimuli=cfg)
+    text = "The boy near the cars likes the girl."
+    e = checker.explain(text)
+    s = e["site"]
+    assert (s["word"], s["alternate"], s["position"]) == ("likes", "like", 5)
+    # the full margin is the check's margin (nn.LSTM forward) and the scorer's
+    assert e["margin"] == pytest.approx(s["margin"], abs=1e-4)
+    # ablation: verb_margins (the code of `agreelens ablate`) on the pair written out independently
+    pair = {"one_prefix_prefix": "the boy near the cars", "one_prefix_word_good": "likes",
+            "one_prefix_word_bad": "like", "sentence_good": "the boy near the cars likes the girl",
+            "sentence_bad": "the boy near the cars like the girl", "UID": "t", "pairID": "0"}
+    from agreelens.trace import unit_mask
+
+    masks = torch.stack([torch.ones(2 * H)] + [unit_mask([u], H, 2) for u in units] + [unit_mask(units, H, 2)])
+    ref, _ = verb_margins(model, vocab, [pair], masks)
+    ref = ref[:, 0]
+    assert [a["units"] for a in e["ablations"]] == [[u] for u in units] + [units]
+    for k, a in enumerate(e["ablations"]):
+        assert a["margin"] == pytest.approx(float(ref[k + 1]), abs=1e-4)
+        assert a["delta"] == pytest.approx(float(ref[k + 1] - ref[0]), abs=1e-4)
+    # ... equal to zeroing each unit's outgoing weights and rescoring, and to ablate()'s verdicts
+    for k, u in enumerate(units):
+        m, _ = pair_margins(zero_outgoing(model, [u]), vocab, [pair])
+        assert e["units"][k]["ablated_margin"] == pytest.approx(float(m[0]), abs=1e-4)
+    res = ablate(model, vocab, [pair], units)
+    for a in e["ablations"]:
+        assert res["accuracy"]["+".join(map(str, a["units"]))] == float(a["margin"] > 0)
+    # trajectories are the traced states, one value per step (<eos> + tokens)
+    ids = torch.tensor([vocab.eos, *vocab.encode(e["sentence"]["tokens"])]).unsqueeze(1)
+    tr = trace(model, ids)
+    assert len(e["steps"]) == len(e["sentence"]["tokens"]) + 1 and e["predicting_step"] == 5
+    for u in e["units"]:
+        layer, j = unit_to_layer_index(u["unit"], H, 2)
+        assert u["c"] == pytest.approx(tr.c[layer - 1, :, 0, j].tolist(), abs=1e-4)
+        assert u["f"] == pytest.approx(tr.f[layer - 1, :, 0, j].tolist(), abs=1e-4)
+    ro = e["readout"]
+    assert ro["state"] == "L2.h" and len(ro["p_plural"]) == len(e["steps"])
+    assert all(0.0 <= p <= 1.0 for p in ro["p_plural"])
+
+
+def test_explain_rejects_bad_sites(vocab, lexicon):
+    checker = Checker(random_lstm(vocab, "full"), vocab, lexicon)
+    with pytest.raises(InputError, match="out of range") as err:
+        checker.explain("The boy likes the girl.", site=3)
+    assert err.value.status == 422
+    with pytest.raises(InputError, match="no agreement site"):
+        checker.explain("Hello there.")
+    with pytest.raises(InputError, match="integer"):
+        checker.explain("The boy likes the girl.", site="0")
+
+
+def test_score_validates_pairs_and_equals_the_scorer(vocab, lexicon):
+    model = agreement_bigram(vocab)
+    checker = Checker(model, vocab, lexicon)
+    pairs = [{"sentence_good": "the boy likes it .", "sentence_bad": "the boy like it .", "UID": "u", "pairID": "0"}]
+    assert checker.score(pairs) == score_pairs(model, vocab, pairs, method="auto")
+    for bad, msg in [("x", "list"), ([], "empty"), ([1], "object"), ([{"sentence_good": "a"}], "missing"),
+                     ([{**pairs[0], "one_prefix_prefix": "the boy"}], "one-prefix")]:
+        with pytest.raises(InputError, match=msg):
+            validate_pairs(bad)
+    with pytest.raises(InputError) as err:
+        checker.score(pairs * 3, max_pairs=2)
+    assert err.value.status == 413
+    with pytest.raises(InputError, match="method"):
+        checker.score(pairs, method="nope")
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def test_load_checker_falls_back_and_reads_the_calibration(tmp_path, vocab, monkeypatch, caplog):
+    model = random_lstm(vocab, "full")
+    save_model(model, vocab, tmp_path / "models" / "tiny", extra={"name": "tiny"})
+    cal = {"threshold": -0.75, "scale": 2.0, "lexicon": {"source": "test", "verbs": [["like", "likes"]]}}
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "calibration_tiny.json").write_text(json.dumps(cal))
+    (tmp_path / "metrics" / "units_tiny.json").write_text(json.dumps({"number_units": [{"unit": 3}, {"unit": 12}]}))
+
+    import agreelens.registry as registry
+
+    def no_registry(uri, dst=None):
+        raise RuntimeError("registry unreachable")
+
+    monkeypatch.setattr(registry, "fetch", no_registry)
+    with caplog.at_level("WARNING", logger="agreelens.checker"):
+        c = load_checker("models:/agreelens-tiny@champion", root=tmp_path, fallback="tiny")
+    assert "falling back to tiny" in caplog.text and "registry unreachable" in caplog.text
+    assert c.name == "tiny" and c.threshold == -0.75 and c.scale == 2.0 and c.calibrated
+    assert c.lexicon.verbs == [("like", "likes")] and c.units == [3, 12]
+    assert c.notes and "unavailable" in c.notes[0]
+    with pytest.raises(RuntimeError, match="unreachable"):
+        load_checker("models:/agreelens-tiny@champion", root=tmp_path)
+    # a calibration shipped in the model directory wins over metrics/
+    (tmp_path / "models" / "tiny" / "calibration.json").write_text(json.dumps({**cal, "threshold": 1.5}))
+    assert load_checker("tiny", root=tmp_path).threshold == 1.5
+
+
+@pytest.mark.slow
+def test_calibrate_and_check_cli(project, vocab):
+    root = project
+    model = random_lstm(vocab, "adaptive")
+    save_model(model, vocab, root / "models" / "tiny", extra={"name": "tiny"})
+    (root / "prepared").mkdir()
+    (root / "prepared" / "test.txt").write_text("the boy likes the girl .\nthe boys like it .\nhe walks .\n")
+    out = run_cli(["calibrate", "--model", "tiny", "--json"], cwd=root)
+    r = json.loads(out.stdout)
+    cal = json.loads((root / "metrics" / "calibration_tiny.json").read_text())
+    assert {"threshold", "precision", "recall", "f1", "n"} <= set(r) and cal["threshold"] == r["threshold"]
+    assert cal["lexicon"]["verbs"] and r["sources"]["blimp"]["pairs"] == 6000
+    out = run_cli(["check", "The boys likes the girl.", "--model", "tiny", "--json"], cwd=root)
+    c = json.loads(out.stdout)
+    assert c["threshold"] == cal["threshold"] and c["sentences"][0]["tokens"][:3] == ["the", "boys", "likes"]
+    assert any(s["word"] == "likes" for s in c["sentences"][0]["sites"])
+    bad = run_cli(["check", "   ", "--model", "tiny"], cwd=root, check=False)
+    assert bad.returncode == 2 and "empty" in bad.stderr
