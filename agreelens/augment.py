@@ -34,7 +34,10 @@ AGREEMENT_WORDS = frozenset(
     "is are was were has have does do this these that those it they he she him her them its their "
     "itself themselves himself herself i we me us my our mine ours one ones each every many much few "
     "a an another both either neither several "
-    "man men woman women child children person people foot feet tooth teeth mouse mice goose geese".split()
+    "man men woman women child children person people foot feet tooth teeth mouse mice goose geese "
+    # contractions hide a number-marked verb or pronoun
+    "it's he's she's that's there's here's what's who's where's how's this's isn't aren't wasn't weren't "
+    "hasn't haven't doesn't don't they're we're you're i'm they've we've you've there're".split()
 )
 _WORD = re.compile(r"^[a-z]+(?:'[a-z]+)?$")
 
@@ -47,6 +50,7 @@ class AugmentConfig:
     copies: int = 1  # synthetic sentences per source
     top_k: int = 10
     agreement_safe: bool = True
+    in_vocab_only: bool = False  # insert only words of ``vocabulary`` (the LSTM's): others would be <unk>
     seed: int = 1
     batch_size: int = 128
     stats: dict = field(default_factory=dict)
@@ -133,11 +137,15 @@ def finetune(model, tokenizer, sentences: list[str], steps: int, batch_size: int
     return losses
 
 
-def _allowed_ids(tokenizer, protected: frozenset[str], agreement_safe: bool) -> torch.Tensor:
-    """Bool (V,) of tokens that may be inserted: whole lowercase words, not special, not protected."""
+def _allowed_ids(tokenizer, protected: frozenset[str], agreement_safe: bool,
+                 only: frozenset[str] | None = None) -> torch.Tensor:
+    """Bool (V,) of tokens that may be inserted: whole lowercase words, not special, not protected
+    (and in ``only`` when given)."""
     vocab = tokenizer.get_vocab()
     allowed = torch.zeros(max(vocab.values()) + 1, dtype=torch.bool)
     for tok, i in vocab.items():
+        if only is not None and tok not in only:
+            continue
         if _WORD.match(tok) and (len(tok) > 1 or tok in ("a", "i")) and not (agreement_safe and tok in protected):
             allowed[i] = True
     for i in tokenizer.all_special_ids:
@@ -145,15 +153,23 @@ def _allowed_ids(tokenizer, protected: frozenset[str], agreement_safe: bool) -> 
     return allowed
 
 
-@torch.inference_mode()
 def augment(model, tokenizer, sentences: list[str], cfg: AugmentConfig, vocabulary: Iterable[str] = (),
             progress: bool = True) -> list[str]:
     """Synthetic sentences for ``sentences`` (space-separated lowercase tokens). ``vocabulary``: the LM's
     words, used to find agreement words (safe mode). Counts go to ``cfg.stats``."""
+    return [text for _, text in augment_pairs(model, tokenizer, sentences, cfg, vocabulary, progress)]
+
+
+@torch.inference_mode()
+def augment_pairs(model, tokenizer, sentences: list[str], cfg: AugmentConfig, vocabulary: Iterable[str] = (),
+                  progress: bool = True) -> list[tuple[int, str]]:
+    """Like :func:`augment`, with the index of each synthetic sentence's source."""
     rng = random.Random(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    vocabulary = frozenset(vocabulary)
     protected = agreement_words(vocabulary) if cfg.agreement_safe else frozenset()
-    allowed = _allowed_ids(tokenizer, protected, cfg.agreement_safe)
+    only = vocabulary if cfg.in_vocab_only and vocabulary else None
+    allowed = _allowed_ids(tokenizer, protected, cfg.agreement_safe, only)
     device = next(model.parameters()).device
     jobs = []  # (source index, words, masked positions)
     for si, s in enumerate(sentences):
@@ -198,13 +214,115 @@ def augment(model, tokenizer, sentences: list[str], cfg: AugmentConfig, vocabula
             m += n_masks
             filled[j] = " ".join(new)
     seen = set(sentences)
-    out: list[str] = []
-    for text in filled:  # in source order: deduplicated against the sources and earlier outputs
+    out: list[tuple[int, str]] = []
+    for (si, _, _), text in zip(jobs, filled):  # in source order: deduplicated against sources and outputs
         if text in seen:
             stats["duplicates"] += 1
             continue
         seen.add(text)
-        out.append(text)
+        out.append((si, text))
     stats["kept"] = len(out)
     cfg.stats = stats
     return out
+
+
+# ---- pipeline stages: `agreelens finetune-mlm` and `agreelens augment` --------------------------------
+
+def _mlm_dir() -> Path:
+    return Path("models") / "mlm"
+
+
+def run_finetune(params, progress: bool = True) -> dict:
+    """Stage ``finetune_mlm``: the masked LM fine-tuned on the training split (the paper's "fine-tune BERT
+    using Dtrain"), saved to ``models/mlm``; loss per step to ``plots/mlm_loss.csv`` and MLflow."""
+    import json
+    import shutil
+    import time
+
+    from agreelens import tracking
+    from agreelens.corpus import read_split
+
+    a = params.augment
+    out, metrics, curve = _mlm_dir(), Path("metrics/mlm.json"), Path("plots/mlm_loss.csv")
+    sentences = read_split(Path(params.prepare.out) / "train_large.txt")
+    model, tokenizer = load_mlm(a.mlm)
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    if a.enabled and a.finetune_steps:
+        with tracking.mlflow_run("agreelens-augment", "finetune-mlm",
+                                 {"mlm": a.mlm, "steps": a.finetune_steps, "batch": a.finetune_batch,
+                                  "lr": a.finetune_lr, "profile": params.profile},
+                                 {"git_commit": tracking.git_commit(), "data_dvc_md5": tracking.dvc_hash()}) as run:
+            losses = finetune(model, tokenizer, sentences, a.finetune_steps, a.finetune_batch, a.finetune_lr,
+                              seed=a.seed, log=lambda step, loss: run.log_metrics({"mlm_loss": loss}, step=step),
+                              progress=progress)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    head = losses[: max(1, len(losses) // 10)]
+    tail = losses[-max(1, len(losses) // 10):]
+    stats = {"mlm": a.mlm, "steps": len(losses), "sentences_seen": len(losses) * a.finetune_batch,
+             "loss_first": round(sum(head) / len(head), 4) if losses else None,
+             "loss_last": round(sum(tail) / len(tail), 4) if losses else None,
+             "seconds": round(time.perf_counter() - t0, 1)}
+    for path in (metrics, curve):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_text(json.dumps(stats, indent=2) + "\n")
+    curve.write_text("step,loss\n" + "".join(f"{i},{v:.4f}\n" for i, v in enumerate(losses)))
+    return stats
+
+
+def run_augment(params, progress: bool = True) -> dict:
+    """Stage ``augment``: synthetic sentences for (a seeded sample of) the training split, written as
+    ``<out>/pairs.tsv`` (source<TAB>synthetic) and the models' training text ``<out>/train_<model>.txt``:
+    the original ``train_<model>.txt`` plus the synthetic sentences whose source it contains (so small
+    keeps its share of large). With ``enabled: false`` the training text is the original alone."""
+    import json
+    import time
+
+    from agreelens import tracking
+    from agreelens.corpus import read_split
+
+    a = params.augment
+    prepared, out = Path(params.prepare.out), Path(a.out)
+    sources = read_split(prepared / "train_large.txt")
+    vocabulary = [line.split("\t")[0] for line in (prepared / "vocab.txt").read_text(encoding="utf-8").splitlines()]
+    t0 = time.perf_counter()
+    pairs: list[tuple[str, str]] = []
+    cfg = AugmentConfig(rate=a.rate, max_masks=a.max_masks, min_words=a.min_words, copies=a.copies, top_k=a.top_k,
+                        agreement_safe=a.agreement_safe, in_vocab_only=a.in_vocab_only, seed=a.seed,
+                        batch_size=a.batch_size)
+    if a.enabled:
+        chosen = sources
+        if a.max_sources and a.max_sources < len(sources):
+            keep = sorted(random.Random(a.seed).sample(range(len(sources)), a.max_sources))
+            chosen = [sources[i] for i in keep]
+        if not _mlm_dir().is_dir():
+            raise FileNotFoundError(f"{_mlm_dir()}: no fine-tuned masked LM; run `agreelens finetune-mlm` first")
+        model, tokenizer = load_mlm(str(_mlm_dir()))
+        pairs = [(chosen[i], text) for i, text in augment_pairs(model, tokenizer, chosen, cfg, vocabulary, progress)]
+    seconds = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pairs.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in pairs), encoding="utf-8")
+    stats = {"enabled": a.enabled, "agreement_safe": a.agreement_safe, **(cfg.stats or {"sources": 0}),
+             "seconds": round(seconds, 1),
+             "sentences_per_s": round(cfg.stats.get("sources", 0) / seconds, 1) if a.enabled else 0.0, "models": {}}
+    for name in params.model_names:
+        original = read_split(prepared / f"train_{name}.txt")
+        mine = set(original)
+        synthetic = [t for s, t in pairs if s in mine]
+        (out / f"train_{name}.txt").write_text("".join(f"{x}\n" for x in original + synthetic), encoding="utf-8")
+        tokens = sum(len(x.split()) for x in original)
+        added = sum(len(x.split()) for x in synthetic)
+        stats["models"][name] = {"sentences": len(original) + len(synthetic), "synthetic": len(synthetic),
+                                 "tokens": tokens + added, "synthetic_tokens": added}
+    Path("metrics").mkdir(exist_ok=True)
+    Path("metrics/augment.json").write_text(json.dumps(stats, indent=2) + "\n")
+    with tracking.mlflow_run("agreelens-augment", "augment", tracking.flatten({"augment": a.model_dump()}),
+                             {"git_commit": tracking.git_commit(), "data_dvc_md5": tracking.dvc_hash()}) as run:
+        run.log_metrics({k: v for k, v in tracking.flatten(stats).items() if isinstance(v, (int, float))
+                         and not isinstance(v, bool)})
+    return stats

@@ -843,24 +843,30 @@ def model_tag(spec: str, model_dir: Path | None = None, prefix: str = "agreelens
     return Path(spec).name
 
 
-def find_calibration(model_dir: Path, tag: str, root: Path) -> Path | None:
-    """``calibration*.json`` shipped with the model (in its directory or, for a registry model, anywhere
-    in the artifact download it came in), else ``<root>/metrics/calibration_<tag>.json``."""
+def _shipped(model_dir: Path, kind: str, tag: str, root: Path) -> Path | None:
+    """``<kind>*.json`` shipped with the model (in its directory or, for a registry model, anywhere in the
+    artifact download it came in: `agreelens register` logs them), else ``<root>/metrics/<kind>_<tag>.json``."""
     model_dir = Path(model_dir)
-    found = sorted(model_dir.glob("calibration*.json"))
+    found = sorted(model_dir.glob(f"{kind}*.json"))
     download = next((d for d in model_dir.parents if d.name.startswith("agreelens-registry-")), None)
     if not found and download is not None:
-        found = sorted(download.rglob("calibration*.json"))
+        found = sorted(download.rglob(f"{kind}*.json"))
     if found:
         return found[0]
-    p = Path(root) / "metrics" / f"calibration_{tag}.json"
+    p = Path(root) / "metrics" / f"{kind}_{tag}.json"
     return p if p.is_file() else None
 
 
-def load_units(tag: str, root: Path, params=None) -> list[int]:
-    """Number units from ``metrics/units_<tag>.json``, else ``analysis.units`` of the settings."""
-    p = Path(root) / "metrics" / f"units_{tag}.json"
-    if p.is_file():
+def find_calibration(model_dir: Path, tag: str, root: Path) -> Path | None:
+    """The checker's calibration for the model (see :func:`_shipped`)."""
+    return _shipped(model_dir, "calibration", tag, root)
+
+
+def load_units(tag: str, root: Path, params=None, model_dir: Path | None = None) -> list[int]:
+    """Number units found by the sweep (shipped with a registered model, else ``metrics/units_<tag>.json``),
+    else ``analysis.units`` of the settings."""
+    p = _shipped(model_dir, "units", tag, root) if model_dir is not None else Path(root) / "metrics" / f"units_{tag}.json"
+    if p is not None and p.is_file():
         try:
             return [int(u["unit"]) for u in json.loads(p.read_text())["number_units"]]
         except (ValueError, KeyError, TypeError):
@@ -906,7 +912,7 @@ def load_checker(spec: str, params=None, root: str | Path = ".", fallback: str |
     svc = getattr(params, "service", None)
     return Checker(model, vocab, lex, threshold=float(threshold if threshold is not None else cal.get("threshold", 0.0)),
                    scale=float(cal.get("scale", 1.0)), name=tag, calibrated=bool(cal_path),
-                   units=load_units(tag, root, params), stimuli=_readout_stimuli(params),
+                   units=load_units(tag, root, params, model_dir), stimuli=_readout_stimuli(params),
                    max_chars=getattr(svc, "max_chars", 5000), max_sentences=getattr(svc, "max_sentences", 50),
                    notes=notes)
 

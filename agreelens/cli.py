@@ -77,6 +77,40 @@ def prepare(params: str = ParamsOpt, profile: Optional[str] = ProfileOpt) -> Non
     console.print(t)
 
 
+@app.command("finetune-mlm")
+def finetune_mlm(params: str = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """Stage: fine-tune the masked LM (MiniLM encoder + new MLM head) on the training split -> models/mlm."""
+    from agreelens.augment import run_finetune
+
+    p = _params(params, profile)
+    try:
+        stats = run_finetune(p)
+    except (OSError, RuntimeError, ValueError) as err:
+        _fail(err)
+    console.print(f"masked LM {stats['mlm']}: {stats['steps']} steps, loss {stats['loss_first']} -> "
+                  f"{stats['loss_last']} ({stats['seconds']} s) -> models/mlm")
+
+
+@app.command("augment")
+def augment_cmd(params: str = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """Stage: BERT masked-LM augmentation of the training split -> augmented/ (pairs + training text)."""
+    from agreelens.augment import run_augment
+
+    p = _params(params, profile)
+    try:
+        stats = run_augment(p)
+    except (OSError, RuntimeError, ValueError) as err:
+        _fail(err)
+    t = Table(title=f"augmentation ({'agreement-safe' if stats['agreement_safe'] else 'unsafe'}, "
+                    f"{stats.get('sentences_per_s', 0)} sentences/s)")
+    for col in ("model", "sentences", "synthetic", "tokens", "synthetic tokens"):
+        t.add_column(col, justify="right")
+    for name, m in stats["models"].items():
+        t.add_row(name, f"{m['sentences']:,}", f"{m['synthetic']:,}", f"{m['tokens']:,}", f"{m['synthetic_tokens']:,}")
+    console.print(t)
+    console.print({k: stats[k] for k in ("sources", "masked", "filled", "unfilled", "duplicates", "kept") if k in stats})
+
+
 @app.command()
 def train(
     model: str = typer.Option(..., "--model", "-m", help="which model: a key of prepare.sizes (small, large)"),
@@ -355,6 +389,144 @@ def register(
     except FileNotFoundError as err:
         _fail(err)
     console.print(f"{d.name} version {d.version} -> @{d.alias}: {d.reason}")
+
+
+@app.command("validate")
+def validate_data(
+    suite: str = typer.Option(..., "--suite", "-s", help="raw (corpora + prepared vocabulary) or augmented (augmented/pairs.tsv)"),
+    params: str = ParamsOpt,
+    profile: Optional[str] = ProfileOpt,
+) -> None:
+    """Data-quality gate (Great Expectations) before training: exits 1 if an expectation fails;
+    writes reports/quality/<suite>.json and .md."""
+    from agreelens.quality import QualityGateError, validate
+
+    p = _params(params, profile)
+    try:
+        summary = validate(p, suite)
+    except QualityGateError as err:
+        _print_quality(err.summary)
+        _fail(err)
+    except (OSError, ValueError) as err:
+        _fail(err)
+    _print_quality(summary)
+
+
+def _print_quality(summary: dict) -> None:
+    t = Table(title=f"quality gate {summary['suite']}: {'passed' if summary['success'] else 'FAILED'} ({summary['seconds']} s)")
+    for col in ("expectation", "column", "result", "observed", "failing rows"):
+        t.add_column(col, justify="left" if col in ("expectation", "column") else "right")
+    for e in summary["expectations"]:
+        obs = e["observed"]
+        obs = f"{obs:.6g}" if isinstance(obs, float) else f"{obs:,}" if isinstance(obs, int) else "-" if obs is None else str(obs)
+        t.add_row(e["name"], f"{e['table']}.{e['column'] or ''}".rstrip("."), "pass" if e["success"] else "[red]FAIL[/red]",
+                  obs, f"{e['unexpected_count']:,}" if "unexpected_count" in e else "")
+    console.print(t)
+    console.print(f"report: {summary['report']}")
+
+
+@app.command()
+def schedule(
+    once: bool = typer.Option(False, "--once", help="check (and retrain) once, then exit: for cron jobs and tests"),
+    force: bool = typer.Option(False, "--force", help="with --once: retrain even when the corpora are unchanged"),
+    params: str = ParamsOpt,
+    profile: Optional[str] = ProfileOpt,
+) -> None:
+    """Retrain when the corpora change: serves the Prefect deployment agreelens-retrain (schedule.cron or
+    schedule.interval_minutes); each run compares data/'s DVC md5 with the champions' data_dvc_md5 tag
+    and, if they differ, runs `dvc commit data.dvc`, `dvc repro` and registration."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "flows" / "schedule.py").is_file():
+        _fail(FileNotFoundError(f"{root / 'flows' / 'schedule.py'} not found: run from a checkout of agreelens"))
+    p = _params(params, profile)
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from flows.schedule import retrain_flow, serve
+
+    if not once:
+        when = f"cron '{p.schedule.cron}'" if p.schedule.cron else f"every {p.schedule.interval_minutes} min"
+        console.print(f"serving deployment agreelens-retrain/agreelens-retrain ({when}); Ctrl-C stops")
+        serve(params, profile)
+        return
+    try:
+        result = retrain_flow(params, profile, force=force)
+    except Exception as err:  # noqa: BLE001 - the flow run failed: its message says why
+        _fail(err)
+    console.print(result["reason"], soft_wrap=True)
+    for d in (result.get("registry") or {}).values():
+        console.print(f"{d['name']} version {d['version']} -> @{d['alias']}: {d['reason']}", soft_wrap=True)
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Option("large", "--model", "-m", help="model name under models/ or a model directory"),
+    params: str = ParamsOpt,
+    profile: Optional[str] = ProfileOpt,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (for scripts)"),
+) -> None:
+    """Agreement checker: the error threshold that maximises F1 on BLiMP and swapped test sentences."""
+    from agreelens.checker import run_calibrate
+
+    p = _params(params, profile)
+    try:
+        r = run_calibrate(p, model)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(err)
+    tag = r["model"]
+    if as_json:
+        print(json.dumps({k: v for k, v in r.items() if k != "lexicon"}))
+        return
+    t = Table(title=f"calibration of {tag}: error when margin < {r['threshold']:g} "
+                    f"({len(r['lexicon']['verbs'])} verbs in the lexicon)")
+    for col in ("examples", "n", "errors", "precision", "recall", "F1"):
+        t.add_column(col, justify="right")
+    t.add_row("all", f"{r['n']:,}", f"{r['errors']:,}", f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}")
+    for name, s in r["sources"].items():
+        if s.get("n"):
+            t.add_row(name, f"{s['n']:,}", f"{s['errors']:,}", f"{s['precision']:.3f}", f"{s['recall']:.3f}",
+                      f"{s['f1']:.3f}")
+    console.print(t)
+    console.print(f"-> metrics/calibration_{tag}.json")
+
+
+@app.command()
+def check(
+    text: str = typer.Argument(..., help="text to check (quote it)"),
+    model: str = typer.Option("large", "--model", "-m", help="model name, model directory or models:/name@alias"),
+    params: str = ParamsOpt,
+    profile: Optional[str] = ProfileOpt,
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object (for scripts)"),
+) -> None:
+    """Agreement checker: flag subject-verb and determiner-noun number errors, suggest the other form."""
+    import torch
+
+    from agreelens.checker import InputError, load_checker
+
+    p = _params(params, profile)
+    torch.set_num_threads(p.service.threads)
+    try:
+        checker = load_checker(model, p)
+        r = checker.check(text)
+    except InputError as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    except (FileNotFoundError, ValueError) as err:
+        _fail(err)
+    if as_json:
+        print(json.dumps(r))
+        return
+    t = Table(title=f"{r['model']}: {r['n_errors']} of {r['n_sites']} agreement site(s) flagged "
+                    f"(error when margin < {r['threshold']:g})")
+    for col in ("site", "sentence", "word", "kind", "margin", "verdict", "suggestion", "confidence"):
+        t.add_column(col, justify="right" if col in ("site", "sentence", "margin", "confidence") else "left")
+    for sent in r["sentences"]:
+        for s in sent["sites"]:
+            verdict = "[red]error[/red]" if s["verdict"] == "error" else "ok"
+            t.add_row(str(s["site"]), str(sent["index"]), s["word"], s["kind"], f"{s['margin']:+.2f}", verdict,
+                      s["suggestion"] or "", f"{s['confidence']:.2f}")
+    console.print(t)
+    for note in r["notes"]:
+        console.print(f"[yellow]note:[/yellow] {note}")
 
 
 @app.command()

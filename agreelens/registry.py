@@ -65,8 +65,10 @@ def promotion(new: dict, champion: dict | None, tolerance: float, max_ppl: float
 
 
 def register(model_dir: str | Path, name: str, metrics: dict, tags: dict | None = None,
-             artifacts: list[str | Path] = (), tolerance: float = 0.01, max_ppl: float = 1e9) -> Decision:
-    """Log ``model_dir`` as a pyfunc in a new run, register it as ``name`` and set its alias."""
+             artifacts: list[str | Path] = (), tolerance: float = 0.01, max_ppl: float = 1e9,
+             model_files: dict[str, str | Path] | None = None) -> Decision:
+    """Log ``model_dir`` as a pyfunc in a new run, register it as ``name`` and set its alias.
+    ``model_files``: more files that travel with the model (the checker's calibration, the number units)."""
     tracking.setup_env()
     client = _client()
     mlflow.set_experiment("agreelens-registry")
@@ -77,7 +79,10 @@ def register(model_dir: str | Path, name: str, metrics: dict, tags: dict | None 
             if Path(a).exists():
                 mlflow.log_artifact(str(a))
         info = mlflow.pyfunc.log_model(name="model", python_model=AgreementModel(),
-                                       artifacts={"model_dir": str(model_dir)}, pip_requirements=PIP_REQUIREMENTS,
+                                       artifacts={"model_dir": str(model_dir),
+                                                  **{k: str(v) for k, v in (model_files or {}).items()
+                                                     if Path(v).is_file()}},
+                                       pip_requirements=PIP_REQUIREMENTS,
                                        registered_model_name=name)
     version = str(info.registered_model_version)
     try:
@@ -125,4 +130,5 @@ def register_model(params, name: str, metrics_dir: str | Path = "metrics", model
         if units.is_file() else {}
     return register(Path(models_dir) / name, f"{params.registry.prefix}-{name}", metrics, tags,
                     artifacts=["reports/report.md", f"reports/figures/units_{name}.png"],
-                    tolerance=params.registry.tolerance, max_ppl=params.registry.max_ppl)
+                    tolerance=params.registry.tolerance, max_ppl=params.registry.max_ppl,
+                    model_files={"calibration": metrics_dir / f"calibration_{name}.json", "units": units})

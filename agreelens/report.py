@@ -27,6 +27,33 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _augmentation(names: list[str], metrics: Path, reports: Path) -> list[str]:
+    """The corpus the models read: BERT augmentation counts, the masked LM's fine-tuning, the gates."""
+    if not (metrics / "augment.json").is_file():
+        return []
+    aug, mlm = _read(metrics / "augment.json"), _read(metrics / "mlm.json")
+    if not aug.get("enabled"):
+        return ["## Augmentation", "", "Off (`augment.enabled: false`): the models read the original text.", ""]
+    rows = [[n, f"{m['sentences']:,}", f"{m['synthetic']:,}", f"{m['tokens']:,}",
+             f"{m['synthetic_tokens'] / max(m['tokens'], 1):.1%}"] for n, m in aug["models"].items() if n in names]
+    gates = []
+    for suite in ("raw", "augmented"):
+        res = reports / "quality" / f"{suite}.json"
+        if res.is_file():
+            r = json.loads(res.read_text())
+            items = r["expectations"]
+            ok = sum(bool(x["success"]) for x in items)
+            gates.append(f"- {suite}: {ok}/{len(items)} expectations pass ([details](quality/{suite}.md))")
+    return ["## Augmentation (Kumar et al. 2020) and data-quality gates", "",
+            f"Masked LM `{mlm['mlm']}` fine-tuned for {mlm['steps']} steps ({mlm['sentences_seen']:,} sentences; "
+            f"loss {mlm['loss_first']} -> {mlm['loss_last']}); {aug['sources']:,} training sentences augmented at "
+            f"{aug['sentences_per_s']} sentences/s: {aug['masked']:,} words masked, {aug['filled']:,} filled, "
+            f"{aug['duplicates']:,} duplicates dropped, {aug['kept']:,} synthetic sentences kept "
+            f"({'agreement-safe' if aug['agreement_safe'] else 'not agreement-safe'}).", "",
+            _markdown_table(["model", "sentences", "synthetic", "tokens", "synthetic share"], rows), "",
+            "Great Expectations gates (run before anything trains):", "", *(gates or ["- not run"]), ""]
+
+
 def build(names: list[str], metrics: str | Path = "metrics", out: str | Path = "reports/report.md") -> Path:
     metrics, out = Path(metrics), Path(out)
     parts = ["# agreelens report", "",
@@ -35,6 +62,7 @@ def build(names: list[str], metrics: str | Path = "metrics", out: str | Path = "
              "in `params.yaml`.", ""]
     t6 = table6(names, metrics, out=None)
     parts += ["## Table 6: perplexity and NA accuracy", "", t6.split("\n\n", 2)[2].strip(), ""]
+    parts += _augmentation(names, metrics, out.parent)
 
     parts += ["## Number units (ablation sweep)", "",
               "Every unit of both layers ablated alone (its outgoing weights zeroed) on the NA stimuli; a "

@@ -78,6 +78,7 @@ def stream_perplexity(model: RNNModel, data: torch.Tensor, bptt: int) -> float:
 @dataclass
 class Paths:
     prepared: Path
+    train_text: Path  # original + synthetic sentences (the augment stage)
     model_dir: Path
     checkpoint: Path
     metrics: Path
@@ -87,6 +88,7 @@ class Paths:
     def for_model(cls, params: Params, name: str) -> "Paths":
         return cls(
             prepared=Path(params.prepare.out),
+            train_text=Path(params.augment.out) / f"train_{name}.txt",
             model_dir=Path("models") / name,
             checkpoint=Path("checkpoints") / name / "last.pt",
             metrics=Path("metrics") / f"train_{name}.json",
@@ -97,7 +99,7 @@ class Paths:
 def _fingerprint(params: Params, paths: Paths, name: str) -> str:
     """Identity of a run: a checkpoint from other settings or data is never resumed."""
     t = params.train.model_dump(exclude={"checkpoint_every", "threads"})
-    files = [paths.prepared / f"train_{name}.txt", paths.prepared / "valid.txt", paths.prepared / "vocab.txt"]
+    files = [paths.train_text, paths.prepared / "valid.txt", paths.prepared / "vocab.txt"]
     stamp = [(f.name, f.stat().st_size, tracking.params_hash(f.read_bytes()[:1 << 20])) for f in files]
     return tracking.params_hash({"model": params.model.model_dump(), "train": t, "files": stamp})
 
@@ -155,7 +157,10 @@ def train(params: Params, name: str, paths: Paths | None = None, quiet: bool = F
     amp_dtype = autocast_dtype(device) if t.amp else None
 
     vocab = Vocab.load(paths.prepared / "vocab.txt")
-    stream = SentenceStream(vocab, read_split(paths.prepared / f"train_{name}.txt"))
+    if not paths.train_text.is_file():
+        raise FileNotFoundError(f"{paths.train_text}: training text missing; run `agreelens augment` "
+                                "(it writes the original text alone when augment.enabled is false) or `dvc repro`")
+    stream = SentenceStream(vocab, read_split(paths.train_text))
     valid = batchify(vocab.encode_lines(read_split(paths.prepared / "valid.txt")), 16)
     steps_per_epoch = (stream.tokens // t.batch_size - 1) // t.bptt
     if steps_per_epoch < 1:

@@ -75,7 +75,8 @@ def main() -> None:
                 continue
             override(raw, key.strip(), parse_value(value))
         params = resolve(raw, source=f"{args.params} + {spec}")
-        paths = Paths(prepared=Path(params.prepare.out), model_dir=out / name / "model",
+        paths = Paths(prepared=Path(params.prepare.out), train_text=Path(params.augment.out) / f"train_{split}.txt",
+                      model_dir=out / name / "model",
                       checkpoint=out / name / "last.pt", metrics=out / name / "train.json",
                       curve=out / name / "curve.csv")
         t0 = time.perf_counter()

@@ -94,7 +94,7 @@ def main() -> None:
     print(f"model {m.emb_size}x{m.hidden_size}x{m.layers}, vocab {params.prepare.max_vocab}, batch {t.batch_size}, "
           f"bptt {t.bptt}, threads {threads}, {args.steps} updates", flush=True)
 
-    paths = Paths(prepared=work / "prepared", model_dir=work / "models" / "large",
+    paths = Paths(prepared=work / "prepared", train_text=work / "prepared" / "train_large.txt", model_dir=work / "models" / "large",
                   checkpoint=work / "ckpt" / "last.pt", metrics=work / "train.json", curve=work / "curve.csv")
     ours = train(params, "large", paths=paths, quiet=True)["tokens_per_second"]
 

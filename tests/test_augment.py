@@ -17,6 +17,7 @@ def test_agreement_words_from_pairs_and_fixed_list():
     words = agreement_words(VOCAB)
     assert {"boy", "boys", "likes", "like", "city", "cities", "is", "are", "dogs", "runs"} <= words
     assert not {"the", "big", "red", "near", "park", "quickly", "very", "house"} & words
+    assert {"it's", "doesn't", "they're", "there's"} <= words  # contractions hide is/does/are
 
 
 def test_safe_masking_never_touches_agreement_words():
@@ -72,3 +73,19 @@ def test_augment_outputs_are_clean_new_and_deterministic(mlm):
         assert not {a for a, _ in changed} & protected and not {b for _, b in changed} & protected
     st = cfg.stats
     assert st["sources"] == 5 and st["kept"] == len(out) and st["filled"] + st["unfilled"] == st["masked"]
+
+
+def test_pairs_name_their_source_and_in_vocab_only_inserts_known_words(mlm):
+    from agreelens.augment import augment_pairs
+
+    model, tok = mlm
+    vocab = set(VOCAB) | {w for s in SOURCES for w in s.split()} | set(
+        "a an his her my your our old new small nice good bad long short this every some one two school home "
+        "work town room car bus tree".split())
+    cfg = AugmentConfig(rate=0.3, copies=2, seed=3, in_vocab_only=True)
+    pairs = augment_pairs(model, tok, SOURCES, cfg, vocab, progress=False)
+    assert pairs and cfg.stats["kept"] == len(pairs)
+    for si, s in pairs:
+        src = SOURCES[si].split()
+        changed = [b for a, b in zip(src, s.split()) if a != b]
+        assert len(s.split()) == len(src) and changed and set(changed) <= vocab

@@ -67,6 +67,17 @@ def test_tiny_dvc_repro_end_to_end_then_noop(clone):
     assert (dst / "reports" / "figures" / "learning_curves.png").stat().st_size > 10_000
     prep = json.loads((dst / "metrics" / "prepare.json").read_text())
     assert set(prep["splits"]) == {"train", "valid", "test"}
+    aug = json.loads((dst / "metrics" / "augment.json").read_text())  # BERT augmentation ran ...
+    pairs = (dst / "augmented" / "pairs.tsv").read_text().splitlines()
+    assert aug["kept"] == len(pairs) > 0 and aug["sources"] == 200
+    for name in ("small", "large"):  # ... and each model trains on its original text + its synthetic share
+        text = (dst / "augmented" / f"train_{name}.txt").read_text().splitlines()
+        assert len(text) == prep["models"][name]["sentences"] + aug["models"][name]["synthetic"]
+        assert ev[name]["train_tokens"] == aug["models"][name]["tokens"] + len(text)  # + one <eos> a sentence
+    assert 0 < aug["models"]["small"]["synthetic"] < aug["models"]["large"]["synthetic"]
+    assert json.loads((dst / "metrics" / "mlm.json").read_text())["steps"] == 2
+    for suite in ("raw", "augmented"):  # the data-quality gates ran before training and passed
+        assert (dst / "reports" / "quality" / f"{suite}.md").is_file()
     units = json.loads((dst / "metrics" / "units_large.json").read_text())
     assert len(units["drops"]) == 2 * units["hidden_size"]  # every unit of both layers swept
     probe = json.loads((dst / "metrics" / "probe_large.json").read_text())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from agreelens.registry import promotion
@@ -38,6 +40,15 @@ def test_register_promote_and_fetch(tmp_path, monkeypatch):
     m2, v2 = load_model(local)
     x = torch.tensor([[0], [2], [3]])
     assert torch.equal(model.eval()(x)[0], m2(x)[0]) and v2.itos == vocab.itos
+
+    from agreelens.checker import find_calibration, load_units  # the checker's files travel with the model
+    (tmp_path / "calibration_tiny.json").write_text('{"threshold": 0.25}')
+    (tmp_path / "units_tiny.json").write_text('{"number_units": [{"unit": 12}, {"unit": 3}]}')
+    register(mdir, "agreelens-tiny", {"na_accuracy": 0.8, "test_ppl": 40},
+             model_files={"calibration": tmp_path / "calibration_tiny.json", "units": tmp_path / "units_tiny.json"})
+    shipped = fetch("models:/agreelens-tiny@champion")  # a fresh download, as the service does
+    assert json.loads(find_calibration(shipped, "tiny", tmp_path / "nowhere").read_text())["threshold"] == 0.25
+    assert load_units("tiny", tmp_path / "nowhere", model_dir=shipped) == [12, 3]
 
 
 def test_pyfunc_predict_and_score_by_uri(tmp_path, monkeypatch):
