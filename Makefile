@@ -13,7 +13,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 
-.PHONY: run test install data repro report bench clean
+.PHONY: run test install data repro report bench clean services services-stop
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -44,6 +44,13 @@ test: install
 
 bench: install
 	$(PY) bench/train_throughput.py
+
+# MLflow (http://127.0.0.1:5000) and Prefect (http://127.0.0.1:4200) servers with their UIs; PIDs, logs: .services/
+services: install
+	bash scripts/services.sh start
+
+services-stop:
+	bash scripts/services.sh stop
 
 clean:
 	rm -rf prepared models checkpoints metrics plots reports/figures

@@ -346,45 +346,96 @@ def table7_rows(result: dict) -> tuple[list[str], list[list[str]]]:
 # ---------------------------------------------------------------------------------------- sweep
 
 
-def sweep(model: nn.Module, vocab: Vocab, pairs: list[dict], constructions: list[str] | None = None,
-          chunk: int = 32, progress: bool = True, threshold: float = THRESHOLD) -> dict:
-    """Ablate every unit alone; per unit and ``construction/condition`` group, the accuracy drop in
-    points (full minus ablated). Units that cost >= ``threshold`` points in some group are the number
-    units. For units above layer 1 the lower layers run once, not once per unit."""
+def sweep_chunks(hidden_size: int, layers: int, chunk: int = 32) -> list[list[int]]:
+    """The passes of a full sweep: every unit (1..layers*H) in chunks of at most ``chunk`` units, a chunk
+    never spanning two layers (the lower layers stay shared). Any subset of them is a part of the sweep
+    (:func:`sweep_part`, e.g. one task per part on a cluster); :func:`merge_sweep` of parts covering them
+    all equals :func:`sweep` with the same ``chunk`` exactly (each unit's pass has the same masks)."""
+    out = []
+    for layer in range(layers):
+        units = list(range(layer * hidden_size + 1, (layer + 1) * hidden_size + 1))
+        out += [units[lo:lo + chunk] for lo in range(0, hidden_size, chunk)]
+    return out
+
+
+def _sweep_pairs(pairs: list[dict], constructions: list[str] | None) -> list[dict]:
     if constructions:
         known = sorted({p.get("construction") for p in pairs if p.get("construction")})
         unknown = [c for c in constructions if c not in known]
         if unknown:
             raise ValueError(f"unknown construction(s) {', '.join(unknown)}; known: {', '.join(known)}")
         pairs = [p for p in pairs if p.get("construction") in constructions]
+    return pairs
+
+
+def sweep_part(model: nn.Module, vocab: Vocab, pairs: list[dict], chunks: list[list[int]],
+               constructions: list[str] | None = None, full: bool = True, progress: bool = False) -> dict:
+    """Accuracy per ``construction/condition`` group with each unit of ``chunks`` ablated alone (one pass
+    per chunk, see :func:`sweep_chunks`) and, with ``full``, of the unablated model. JSON-able: ``{"hidden_size",
+    "layers", "conditions", "n", "pairs", "oov", "full": [accuracy per group] or None, "units": {"<unit>":
+    [accuracy per group]}}``; :func:`merge_sweep` turns parts into the sweep's result."""
+    pairs = _sweep_pairs(pairs, constructions)
     rnn = lstm_of(model)
     hsz, layers = rnn.hidden_size, rnn.num_layers
     device = _device(model)
-    t0 = time.perf_counter()
     plan = plan_pairs(vocab, pairs, device)
-    all_units = list(range(1, layers * hsz + 1))
-    rows = []
+    rows, done = [], []
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             runner = Runner(model, plan)
-            full = runner.margins(torch.ones(1, layers * hsz, device=device))
-            bar = tqdm(total=len(all_units), desc="sweep", unit="unit", disable=not progress,
+            base = runner.margins(torch.ones(1, layers * hsz, device=device)) if full else None
+            bar = tqdm(total=sum(len(c) for c in chunks), desc="sweep", unit="unit", disable=not progress,
                        dynamic_ncols=True, mininterval=1.0)
-            for layer in range(layers):  # a chunk never spans two layers: lower layers stay shared
-                units = all_units[layer * hsz:(layer + 1) * hsz]
-                for lo in range(0, hsz, chunk):
-                    batch = units[lo:lo + chunk]
-                    masks = torch.ones(len(batch), layers * hsz, device=device)
-                    masks[torch.arange(len(batch)), torch.tensor(batch) - 1] = 0.0
-                    rows.append(runner.margins(masks))
-                    bar.update(len(batch))
+            for batch in chunks:
+                if len({(u - 1) // hsz for u in batch}) != 1 or not 1 <= min(batch) <= max(batch) <= layers * hsz:
+                    raise ValueError(f"a sweep chunk must hold units of one layer (1..{layers * hsz}): {batch}")
+                masks = torch.ones(len(batch), layers * hsz, device=device)
+                masks[torch.arange(len(batch)), torch.tensor(batch) - 1] = 0.0
+                rows.append(runner.margins(masks))
+                done += batch
+                bar.update(len(batch))
             bar.close()
     finally:
         model.train(was_training)
-    keys, base, n = group_accuracy(pairs, full, plan.scored)
-    _, acc, _ = group_accuracy(pairs, torch.cat(rows), plan.scored)
+    keys, acc, n = group_accuracy(pairs, torch.cat(rows), plan.scored) if rows else (None, None, None)
+    if full:
+        keys, base_acc, n = group_accuracy(pairs, base, plan.scored)
+    elif keys is None:
+        keys, _, n = group_accuracy(pairs, torch.empty(0, len(pairs), dtype=torch.float64), plan.scored)
+    return {
+        "hidden_size": hsz,
+        "layers": layers,
+        "conditions": keys,
+        "n": [int(x) for x in n],
+        "pairs": int(plan.scored.sum()),
+        "oov": len(pairs) - int(plan.scored.sum()),
+        "full": base_acc[0].tolist() if full else None,
+        "units": {str(u): acc[i].tolist() for i, u in enumerate(done)},
+    }
+
+
+def merge_sweep(parts: list[dict], threshold: float = THRESHOLD, seconds: float = 0.0) -> dict:
+    """The sweep's result (as :func:`sweep`) from parts (:func:`sweep_part`) that cover every unit once
+    and of which one has the full model's accuracy."""
+    if not parts:
+        raise ValueError("no sweep parts to merge")
+    first = parts[0]
+    hsz, layers, keys = first["hidden_size"], first["layers"], first["conditions"]
+    for p in parts:
+        if (p["hidden_size"], p["layers"], p["conditions"], p["n"]) != (hsz, layers, keys, first["n"]):
+            raise ValueError("sweep parts of different models or stimuli cannot be merged")
+    full = next((p["full"] for p in parts if p["full"] is not None), None)
+    if full is None:
+        raise ValueError("no sweep part has the full model's accuracy (sweep_part(..., full=True))")
+    found = {u: acc for p in parts for u, acc in p["units"].items()}
+    all_units = list(range(1, layers * hsz + 1))
+    missing = [u for u in all_units if str(u) not in found]
+    if missing or sum(len(p["units"]) for p in parts) != len(all_units):
+        raise ValueError(f"sweep parts must cover each unit once (missing: {missing[:10]}...)")
+    base = torch.tensor([full], dtype=torch.float64)
+    acc = torch.tensor([found[str(u)] for u in all_units], dtype=torch.float64).reshape(len(all_units), len(keys))
     drops = 100 * (base - acc)  # (units, G)
     max_drop, worst = drops.max(1)
     number = [u for u in all_units if float(max_drop[u - 1]) >= threshold]
@@ -393,17 +444,29 @@ def sweep(model: nn.Module, vocab: Vocab, pairs: list[dict], constructions: list
         "hidden_size": hsz,
         "layers": layers,
         "threshold": threshold,
-        "pairs": int(plan.scored.sum()),
-        "oov": len(pairs) - int(plan.scored.sum()),
-        "seconds": round(time.perf_counter() - t0, 2),
+        "pairs": first["pairs"],
+        "oov": first["oov"],
+        "seconds": round(seconds, 2),
         "conditions": keys,
-        "n": {k: int(x) for k, x in zip(keys, n)},
+        "n": {k: int(x) for k, x in zip(keys, first["n"])},
         "base_accuracy": {k: round(float(a), 4) for k, a in zip(keys, base[0])},
         "number_units": [{"unit": u, "layer": (u - 1) // hsz + 1, "index": (u - 1) % hsz,
                           "max_drop": round(float(max_drop[u - 1]), 2), "condition": keys[int(worst[u - 1])]}
                          for u in number],
         "drops": {str(u): [round(float(x), 2) for x in drops[u - 1]] for u in all_units},
     }
+
+
+def sweep(model: nn.Module, vocab: Vocab, pairs: list[dict], constructions: list[str] | None = None,
+          chunk: int = 32, progress: bool = True, threshold: float = THRESHOLD) -> dict:
+    """Ablate every unit alone; per unit and ``construction/condition`` group, the accuracy drop in
+    points (full minus ablated). Units that cost >= ``threshold`` points in some group are the number
+    units. For units above layer 1 the lower layers run once, not once per unit."""
+    t0 = time.perf_counter()
+    rnn = lstm_of(model)
+    part = sweep_part(model, vocab, pairs, sweep_chunks(rnn.hidden_size, rnn.num_layers, chunk), constructions,
+                      full=True, progress=progress)
+    return merge_sweep([part], threshold, seconds=time.perf_counter() - t0)
 
 
 def plot_sweep(result: dict, path: str | Path, top: int = 40, title: str = "") -> Path:
@@ -475,8 +538,38 @@ def run_sweep(params, name: str, constructions: list[str] | None = None, stimuli
     threshold, default_constructions = _analysis(params)
     pairs = load_stimuli(stimuli_dir)
     model, vocab = _load(params, name)
-    result = {"model": name, **sweep(model, vocab, pairs, constructions or default_constructions, chunk=chunk,
-                                     progress=progress, threshold=threshold)}
+    result = sweep(model, vocab, pairs, constructions or default_constructions, chunk=chunk, progress=progress,
+                   threshold=threshold)
+    return save_sweep(result, name, metrics, figures)
+
+
+def run_sweep_part(params, name: str, chunks: list[list[int]], full: bool = True,
+                   constructions: list[str] | None = None, stimuli_dir: str | Path = "stimuli") -> dict:
+    """One part of model ``name``'s sweep (:func:`sweep_part`): the units of ``chunks``, e.g. one task of a
+    distributed sweep; :func:`finish_sweep` merges the parts and writes what :func:`run_sweep` writes."""
+    pairs = load_stimuli(stimuli_dir)
+    model, vocab = _load(params, name)
+    return sweep_part(model, vocab, pairs, chunks, constructions or _analysis(params)[1], full=full)
+
+
+def sweep_model_shape(name: str) -> tuple[int, int]:
+    """``(hidden_size, layers)`` of model ``name`` (from its config, without loading the weights)."""
+    from agreelens.na import resolve_model
+
+    cfg = json.loads((resolve_model(name) / "config.json").read_text())
+    model = cfg.get("model", cfg)
+    return int(model["hidden_size"]), int(model["layers"])
+
+
+def finish_sweep(params, name: str, parts: list[dict], seconds: float = 0.0, metrics: str | Path = "metrics",
+                 figures: str | Path = "reports/figures") -> tuple[dict, Path, Path]:
+    """Merge the parts of model ``name``'s sweep; writes the same files as :func:`run_sweep`."""
+    return save_sweep(merge_sweep(parts, _analysis(params)[0], seconds), name, metrics, figures)
+
+
+def save_sweep(result: dict, name: str, metrics: str | Path = "metrics",
+               figures: str | Path = "reports/figures") -> tuple[dict, Path, Path]:
+    result = {"model": name, **result}
     tag = Path(name).name
     out = Path(metrics) / f"units_{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -3,10 +3,15 @@
 
     python flows/pipeline.py [--profile tiny] [--register]
 
-Flows: ``prepare_flow``, ``train_flow`` (small and large), ``evaluate_flow`` (test PPL, NA accuracy,
-Table 6), ``inside_flow`` (sweep, Table 7 + figures, probes), ``register_flow`` (MLflow registry) and
-``pipeline`` composing them. Each flow publishes a markdown artifact with its key results. Run in the
-project folder (paths are the pipeline's). For lineage use ``dvc repro``: it runs the same code.
+Flows: ``prepare_flow``, ``augment_flow`` (MLM fine-tuning, BERT augmentation), ``train_flow`` (small and
+large), ``evaluate_flow`` (test PPL, ``benchmark_flow``: NA accuracy and BLiMP, Table 6), ``inside_flow``
+(``sweep_flow``, Table 7 + figures, probes), ``register_flow`` (MLflow registry) and ``pipeline`` composing
+them in this order: prepare → quality gate ``raw`` → fine-tune MLM → augment → quality gate ``augmented``
+→ train → evaluate → inside → register. A failed gate fails the run (its message names the report
+``reports/quality/<suite>.md``) and nothing after it runs. Each flow publishes a markdown artifact with
+its key results. With ``scale.dask`` set in params.yaml the sweep (in chunks of units) and the benchmark
+scoring run as tasks on a Prefect ``DaskTaskRunner``. Run in the project folder (paths are the
+pipeline's). For lineage use ``dvc repro``: it runs the same code.
 """
 
 from __future__ import annotations
@@ -14,15 +19,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.settings import get_current_settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agreelens.config import Params, load_params  # noqa: E402
 from agreelens.tracking import setup_env  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------ tasks
+# Retries only where a failure can be transient I/O (restoring archives, the tracking store); the
+# compute tasks and the quality gates fail the same way every time, so they are not retried.
 
 
 @task(retries=2, retry_delay_seconds=2)  # I/O: restoring data/ from the committed archives
@@ -46,6 +58,37 @@ def stimuli_task(params: Params) -> dict:
     return make_stimuli(params)
 
 
+@task(task_run_name="quality-gate-{suite}")
+def quality_gate_task(params: Params, suite: str) -> dict:
+    """Great Expectations suite ``raw`` or ``augmented``; raises ``QualityGateError`` (naming the failed
+    expectations and ``reports/quality/<suite>.md``) and so stops the pipeline when one fails."""
+    from agreelens.quality import QualityGateError, validate
+
+    try:
+        summary = validate(params, suite)
+    except QualityGateError as err:
+        create_markdown_artifact(_gate_markdown(params, suite, getattr(err, "summary", None), str(err)),
+                                 key=f"quality-{suite}", description=f"data-quality gate '{suite}': FAILED")
+        raise
+    create_markdown_artifact(_gate_markdown(params, suite, summary), key=f"quality-{suite}",
+                             description=f"data-quality gate '{suite}': passed")
+    return summary
+
+
+@task
+def finetune_task(params: Params) -> dict:
+    from agreelens.augment import run_finetune
+
+    return run_finetune(params, progress=False)
+
+
+@task
+def augment_task(params: Params) -> dict:
+    from agreelens.augment import run_augment
+
+    return run_augment(params, progress=False)
+
+
 @task
 def train_task(params: Params, name: str) -> dict:
     from agreelens.train import train
@@ -60,7 +103,7 @@ def evaluate_task(params: Params) -> dict:
     return evaluate(params)
 
 
-@task
+@task(task_run_name="evaluate-na-{name}")
 def evaluate_na_task(params: Params, name: str) -> dict:
     from agreelens.na import evaluate_na
 
@@ -74,11 +117,26 @@ def table6_task(params: Params) -> str:
     return table6(params.model_names)
 
 
-@task
+@task(task_run_name="sweep-{name}")
 def sweep_task(params: Params, name: str) -> dict:
     from agreelens.ablation import run_sweep
 
-    return run_sweep(params, name, progress=False)[0]
+    return run_sweep(params, name, chunk=params.scale.sweep_chunk, progress=False)[0]
+
+
+@task(task_run_name="sweep-{name}-part-{index}")
+def sweep_part_task(params: Params, name: str, index: int, chunks: list[list[int]]) -> dict:
+    """One part of a model's sweep: the units of ``chunks`` (part 0 also scores the full model)."""
+    from agreelens.ablation import run_sweep_part
+
+    return run_sweep_part(params, name, chunks, full=index == 0)
+
+
+@task(task_run_name="sweep-{name}-merge")
+def sweep_merge_task(params: Params, name: str, parts: list[dict], seconds: float) -> dict:
+    from agreelens.ablation import finish_sweep
+
+    return finish_sweep(params, name, parts, seconds)[0]
 
 
 @task
@@ -109,12 +167,102 @@ def register_task(params: Params, name: str) -> dict:
     return vars(register_model(params, name))
 
 
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def task_runner(params: Params):
+    """The task runner that ``params.scale`` asks for: ``None`` (off: tasks run in the flow's process),
+    a ``DaskTaskRunner`` over a new ``LocalCluster`` (``dask: local``) or over a running scheduler."""
+    scale = params.scale
+    if not scale.dask:
+        return None
+    from prefect_dask import DaskTaskRunner
+
+    if scale.dask == "local":
+        kwargs = {"n_workers": scale.workers, "threads_per_worker": scale.threads_per_worker,
+                  "processes": scale.processes, "dashboard_address": "127.0.0.1:0"}  # loopback, a free port
+        if scale.processes:
+            kwargs["host"] = "127.0.0.1"
+        return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=kwargs)
+    return DaskTaskRunner(address=scale.dask)
+
+
+def _with_runner(subflow, runner):
+    return subflow.with_options(task_runner=runner) if runner is not None else subflow
+
+
+def sweep_parts(params: Params, name: str) -> list[list[list[int]]]:
+    """Model ``name``'s sweep passes (``scale.sweep_chunk`` units each) in ``scale.sweep_tasks`` contiguous
+    parts (0: one part per pass). Contiguous, so a part's passes mostly share their lower layers."""
+    from agreelens.ablation import sweep_chunks, sweep_model_shape
+
+    chunks = sweep_chunks(*sweep_model_shape(name), params.scale.sweep_chunk)
+    n = min(params.scale.sweep_tasks or len(chunks), len(chunks))
+    return [chunks[i * len(chunks) // n:(i + 1) * len(chunks) // n] for i in range(n)]
+
+
+def _table(rows: list[tuple], header: tuple) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join([*lines, *("| " + " | ".join(str(c) for c in row) + " |" for row in rows)])
+
+
+def _gate_markdown(params: Params, suite: str, summary: dict | None, error: str | None = None) -> str:
+    """The gate's markdown report (``reports/quality/<suite>.md``) where it was written, else a summary."""
+    report = Path((summary or {}).get("report") or Path(params.quality.out) / f"{suite}.md")
+    head = f"**{error}**\n\n" if error else ""
+    if report.is_file():
+        return head + report.read_text(encoding="utf-8")
+    status = "FAILED" if error else "PASSED"
+    rows = [(e.get("name"), "pass" if e.get("success") else "**FAIL**", e.get("observed", ""))
+            for e in (summary or {}).get("expectations", [])]
+    return f"# Quality gate `{suite}`: {status}\n\n{head}" + (_table(rows, ("expectation", "result", "observed"))
+                                                              if rows else f"(no report at `{report}`)")
+
+
+def _scalar_rows(d: dict, prefix: str = "") -> list[tuple]:
+    rows = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            rows += _scalar_rows(v, f"{prefix}{k}.")
+        elif not isinstance(v, list):
+            rows.append((f"{prefix}{k}", f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else v))
+    return rows
+
+
+def augment_markdown(mlm: dict, stats: dict) -> str:
+    """Artifact: MLM fine-tuning and augmentation statistics, per-model training text."""
+    per_model = stats.get("models") or {}
+    parts = ["# BERT augmentation", "", "## Masked LM fine-tuning (`metrics/mlm.json`)", "",
+             _table(_scalar_rows(mlm), ("statistic", "value")), "", "## Augmentation (`metrics/augment.json`)", "",
+             _table(_scalar_rows({k: v for k, v in stats.items() if k != "models"}), ("statistic", "value"))]
+    if per_model:
+        cols = list(dict.fromkeys(c for m in per_model.values() for c in m))
+        rows = [(name, *(f"{m.get(c, ''):,}" if isinstance(m.get(c), int) else m.get(c, "") for c in cols))
+                for name, m in per_model.items()]
+        parts += ["", "## Training text per model (original + synthetic)", "", _table(rows, ("model", *cols))]
+    return "\n".join(parts) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ flows
+
+
 @flow(name="prepare")
 def prepare_flow(params: Params) -> dict:
     restore_data()
     stats = prepare_task(params)
     stimuli_task(params)
     return stats
+
+
+@flow(name="augment")
+def augment_flow(params: Params) -> dict:
+    """Fine-tune the masked LM on the training split (``models/mlm``), then write the augmented training
+    text (``augmented/``); a markdown artifact holds both steps' statistics."""
+    mlm = finetune_task(params)
+    stats = augment_task(params)
+    create_markdown_artifact(augment_markdown(mlm, stats), key="augmentation",
+                             description="MLM fine-tuning and augmentation statistics")
+    return {"mlm": mlm, "augment": stats}
 
 
 @flow(name="train")
@@ -126,21 +274,46 @@ def train_flow(params: Params) -> dict:
     return out
 
 
+@flow(name="benchmark")
+def benchmark_flow(params: Params) -> dict:
+    """NA accuracy and BLiMP of every model (``metrics/na_<model>.json``): one task per model, submitted
+    to the task runner (concurrent on Dask), in turn in the flow's process otherwise."""
+    if params.scale.dask:
+        futures = {name: evaluate_na_task.submit(params, name) for name in params.model_names}
+        return {name: f.result() for name, f in futures.items()}
+    return {name: evaluate_na_task(params, name) for name in params.model_names}
+
+
 @flow(name="evaluate")
 def evaluate_flow(params: Params) -> dict:
     evaluate_task(params)
-    na = {name: evaluate_na_task(params, name)["accuracy"] for name in params.model_names}
+    na = {name: r["accuracy"] for name, r in _with_runner(benchmark_flow, task_runner(params))(params).items()}
     text = table6_task(params)
     create_markdown_artifact(text, key="table6", description="Table 6: perplexity and NA accuracy")
     return na
 
 
+@flow(name="sweep")
+def sweep_flow(params: Params) -> dict:
+    """Every unit of every model ablated alone (``metrics/units_<model>.json``). With ``scale.dask`` each
+    model's sweep is split into parts of whole passes (:func:`sweep_parts`), submitted as tasks and
+    merged; the merge equals the serial sweep."""
+    if not params.scale.dask:
+        return {name: sweep_task(params, name) for name in params.model_names}
+    t0 = time.perf_counter()
+    futures = {name: [sweep_part_task.submit(params, name, i, part) for i, part in enumerate(sweep_parts(params, name))]
+               for name in params.model_names}  # every part of every model in flight at once
+    return {name: sweep_merge_task(params, name, [f.result() for f in fs], time.perf_counter() - t0)
+            for name, fs in futures.items()}
+
+
 @flow(name="inside")
 def inside_flow(params: Params) -> dict:
+    sweeps = _with_runner(sweep_flow, task_runner(params))(params)
     found = {}
     for name in params.model_names:
-        sweep = sweep_task(params, name)
-        found[name] = {"number_units": [u["unit"] for u in sweep["number_units"]], "plotted": units_task(params, name)}
+        found[name] = {"number_units": [u["unit"] for u in sweeps[name]["number_units"]],
+                       "plotted": units_task(params, name)}
         probe_task(params, name)
     report = report_task(params)
     create_markdown_artifact(Path(report).read_text(), key="report", description="agreelens report")
@@ -160,8 +333,17 @@ def register_flow(params: Params) -> dict:
 def pipeline(params_path: str = "params.yaml", profile: str | None = None, register: bool = False) -> dict:
     setup_env()
     params = load_params(params_path, profile)
-    result = {"prepare": prepare_flow(params), "train": train_flow(params), "na": evaluate_flow(params),
-              "units": inside_flow(params)}
+    if params.scale.dask and not get_current_settings().api.url:
+        get_run_logger().warning("scale.dask is set but PREFECT_API_URL is not: Dask workers in other processes "
+                                 "start temporary Prefect servers of their own; run `make services` and export "
+                                 "PREFECT_API_URL (flows/README.md)")
+    result = {"prepare": prepare_flow(params)}
+    result["quality"] = {"raw": quality_gate_task(params, "raw")["success"]}
+    result["augment"] = augment_flow(params)
+    result["quality"]["augmented"] = quality_gate_task(params, "augmented")["success"]
+    result["train"] = train_flow(params)
+    result["na"] = evaluate_flow(params)
+    result["units"] = inside_flow(params)
     if register:
         result["registry"] = register_flow(params)
     return result
@@ -174,7 +356,7 @@ def main() -> None:
     ap.add_argument("--register", action="store_true", help="register the models in the MLflow registry")
     args = ap.parse_args()
     result = pipeline(args.params, args.profile, args.register)
-    print(json.dumps({k: result[k] for k in ("na", "units", "registry") if k in result}, indent=1))
+    print(json.dumps({k: result[k] for k in ("quality", "na", "units", "registry") if k in result}, indent=1))
 
 
 if __name__ == "__main__":

@@ -49,3 +49,97 @@ def run_cli(args, cwd, env=None, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"agreelens {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc=None, log: Path | None = None) -> None:
+    """Poll ``url`` until it answers 200; fail early (with the log's tail) if ``proc`` exits."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            break
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    tail = log.read_text(errors="replace")[-3000:] if log and log.is_file() else ""
+    raise AssertionError(f"{url} did not come up in {timeout:.0f} s:\n{tail}")
+
+
+def stop_group(pid: int, timeout: float = 20, proc=None) -> None:
+    """SIGTERM the process group that ``pid`` leads (started with start_new_session), SIGKILL after ``timeout``;
+    ``proc``: its Popen, reaped here (a zombie leader would keep the group alive)."""
+    import signal
+    import time
+
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None:
+            proc.poll()
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real ``prefect server`` on a free loopback port, its state (sqlite) in a temporary PREFECT_HOME,
+    telemetry and UI off; stopped by PID. Flows of the test process use it through ``prefect_api``,
+    subprocesses through ``{"PREFECT_API_URL": url, "PREFECT_HOME": home}``: a real server, because
+    temporary servers started per process leak across Dask workers."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="true",
+               PREFECT_LOGGING_LEVEL="WARNING")
+    log = home / "server.log"
+    with open(log, "w") as out:
+        cmd = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+               str(port), "--no-ui", "--analytics-off"]
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(f"{url}/health", 120, proc, log)
+        yield {"url": url, "home": home, "pid": proc.pid, "env": {"PREFECT_API_URL": url, "PREFECT_HOME": str(home)}}
+    finally:
+        try:  # send this process's buffered flow/task logs while the server is still up
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=5)
+        except Exception:  # noqa: BLE001
+            pass
+        stop_group(proc.pid, proc=proc)
+        proc.wait(timeout=10)
+
+
+@pytest.fixture()
+def prefect_api(prefect_server):
+    """Flows run in this test process report to the ``prefect_server``."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server["url"], PREFECT_HOME: prefect_server["home"]}):
+        yield prefect_server["url"]

@@ -1,5 +1,6 @@
 """The Prefect pipeline flow on the tiny profile, in a temporary folder: the same outputs as `dvc repro`
-(same library functions), artifacts, and the models registered with champion aliases."""
+(same library functions: quality gates, MLM fine-tuning and augmentation included), artifacts, and the
+models registered with champion aliases."""
 
 from __future__ import annotations
 
@@ -28,7 +29,10 @@ def test_prefect_pipeline_tiny_profile_end_to_end(tmp_path):
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert set(result["na"]) == {"small", "large"} and all(0 <= a <= 1 for a in result["na"].values())
     assert {d["alias"] for d in result["registry"].values()} == {"champion"}
-    for path in ("metrics/eval.json", "metrics/na_large.json", "metrics/units_small.json", "metrics/probe_large.json",
+    assert result["quality"] == {"raw": True, "augmented": True}  # both gates ran and passed
+    for path in ("reports/quality/raw.md", "reports/quality/augmented.md", "models/mlm/config.json",
+                 "augmented/pairs.tsv", "augmented/train_large.txt", "metrics/augment.json", "metrics/eval.json",
+                 "metrics/na_large.json", "metrics/units_small.json", "metrics/probe_large.json",
                  "reports/report.md", "models/large/model.safetensors", "reports/figures/units_large.png"):
         assert (tmp_path / path).is_file(), path
     na = json.loads((tmp_path / "metrics" / "na_large.json").read_text())
