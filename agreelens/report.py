@@ -51,7 +51,18 @@ def _augmentation(names: list[str], metrics: Path, reports: Path) -> list[str]:
             f"{aug['duplicates']:,} duplicates dropped, {aug['kept']:,} synthetic sentences kept "
             f"({'agreement-safe' if aug['agreement_safe'] else 'not agreement-safe'}).", "",
             _markdown_table(["model", "sentences", "synthetic", "tokens", "synthetic share"], rows), "",
-            "Great Expectations gates (run before anything trains):", "", *(gates or ["- not run"]), ""]
+            "Great Expectations gates (run before anything trains):", "", *(gates or ["- not run"]), "",
+            *_safety(reports)]
+
+
+def _safety(reports: Path) -> list[str]:
+    """The on/off study of ``bench/augment_safety.py``, when it has been run."""
+    md = reports / "augment_safety" / "augment_safety.md"
+    if not md.is_file():
+        return []
+    return ["### Augmentation and agreement-safe masking, on vs off", "",
+            "`python bench/augment_safety.py` (not part of `dvc repro`: it trains two more models):", "",
+            md.read_text().strip(), "", "![augment safety](augment_safety/augment_safety.png)", ""]
 
 
 def build(names: list[str], metrics: str | Path = "metrics", out: str | Path = "reports/report.md") -> Path:

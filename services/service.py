@@ -23,8 +23,9 @@ this file's parent's parent); ``AGREELENS_PROFILE`` picks a profile; when the va
 
 Bad input never gives a 5xx: a body over ``max_body_bytes`` (413), not JSON (400) or not an object (400),
 a wrong field type (400, BentoML's validation), empty or blank text, control characters (400), text over
-``max_chars`` characters or ``max_sentences`` sentences (413), a site out of range (422), a wrong or
-missing API key (401); each answer is a JSON object ``{"error": message}``.
+``max_chars`` characters or ``max_sentences`` sentences (413), more than ``batch_max_size`` texts in one
+/check_batch (413), a site out of range (422), a wrong or missing API key (401); each answer is a JSON
+object ``{"error": message}``.
 """
 
 from __future__ import annotations
@@ -80,11 +81,17 @@ def _error(err: InputError) -> JSONResponse:
 class Guard:
     """ASGI middleware on every POST: the API key (when its variable is set), the body size limit, and
     for the JSON endpoints a body that parses as a JSON object; answers 401 / 413 / 415 / 400 itself with
-    ``{"error": ...}``, and passes the body it read on to BentoML unchanged."""
+    ``{"error": ...}``, and passes the body it read on to BentoML unchanged.
+
+    ``/check_batch`` takes at most ``max_batch_texts`` (``service.batch_max_size``) texts (else 413):
+    BentoML's dispatcher splits a larger request into chunks of one batch, and cancels the chunks still
+    queued once the request has waited ``batch_max_latency_ms``, which answered a single large request
+    with a 503 ("process is overloaded")."""
 
     def __init__(self, app, api_key_env: str = "AGREELENS_API_KEY", max_body_bytes: int = 2_000_000,
-                 json_routes: tuple[str, ...] = JSON_ROUTES):
+                 json_routes: tuple[str, ...] = JSON_ROUTES, max_batch_texts: int = 32):
         self.app, self.api_key_env, self.max_body, self.json_routes = app, api_key_env, max_body_bytes, json_routes
+        self.max_batch_texts = max_batch_texts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -117,7 +124,8 @@ class Guard:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        if scope.get("path", "").rstrip("/") in self.json_routes:
+        path = scope.get("path", "").rstrip("/")
+        if path in self.json_routes:
             ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
             if ctype not in ("application/json", ""):
                 return await self._answer(send, 415, f"send JSON (Content-Type: application/json), not {ctype}")
@@ -129,6 +137,10 @@ class Guard:
                 return await self._answer(send, 400, f"body is not valid JSON: {err}")
             if not isinstance(data, dict):
                 return await self._answer(send, 400, f"body must be a JSON object, got {type(data).__name__}")
+            texts = data.get("texts") if path == "/check_batch" else None
+            if isinstance(texts, list) and len(texts) > self.max_batch_texts:
+                return await self._answer(send, 413, f"{len(texts):,} texts; the limit is {self.max_batch_texts} "
+                                                     "per /check_batch request (send more in separate requests)")
         sent = False
 
         async def replay():
@@ -237,4 +249,5 @@ class AgreeLens:
             return _error(err)
 
 
-AgreeLens.add_asgi_middleware(Guard, api_key_env=CFG.api_key_env, max_body_bytes=CFG.max_body_bytes)
+AgreeLens.add_asgi_middleware(Guard, api_key_env=CFG.api_key_env, max_body_bytes=CFG.max_body_bytes,
+                               max_batch_texts=CFG.batch_max_size)
