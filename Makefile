@@ -13,7 +13,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 
-.PHONY: run test install data repro report bench clean services services-stop
+.PHONY: run test install data repro report bench clean services services-stop container-test
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -51,6 +51,11 @@ services: install
 
 services-stop:
 	bash scripts/services.sh stop
+
+# service image (Dockerfile) on a local debootstrap base with buildah, run on loopback and checked; timings at the end
+# (CONTAINER_TEST_REGISTRY=1: also pull the model from a throwaway MLflow registry); see scripts/container-test.sh
+container-test:
+	bash scripts/container-test.sh
 
 clean:
 	rm -rf prepared models checkpoints metrics plots reports/figures

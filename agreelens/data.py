@@ -30,7 +30,12 @@ def restore(root: str | Path = "data", archives: str | Path = "corpora") -> list
             members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
             for m in members:
                 m.name = m.name[len(prefix):]
-            tar.extractall(root, members=members, filter="data")
+                if not (m.isfile() or m.isdir()) or m.name.startswith("/") or ".." in Path(m.name).parts:
+                    raise ValueError(f"{archive}: unsafe member {m.name!r} (only plain files inside {root.name}/)")
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4 (Debian bookworm has 3.11.2)
+                tar.extractall(root, members=members, filter="data")
+            else:
+                tar.extractall(root, members=members)
         restored.append(name)
     sources = archives / "SOURCES.md"
     if sources.is_file() and not (root / "SOURCES.md").exists():
