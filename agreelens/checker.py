@@ -292,7 +292,7 @@ def find_sites(tokens: list[str], lexicon: Lexicon, vocab: Vocab | None = None) 
         if w in lexicon.aux and _finite(tokens, i):
             alt, num = lexicon.aux[w]
             site = Site(i, w, alt, "aux", num)
-        elif prev in DEMONSTRATIVES and w in lexicon.verb:  # that makes, the man that likes
+        elif prev == "that" and w in lexicon.verb:  # the man that likes (these/those + verb is a noun: these plans)
             alt, num = lexicon.verb[w]
             site = Site(i, w, alt, "verb", num)
         elif prev in DEMONSTRATIVES and w in lexicon.noun:  # these car

@@ -413,7 +413,7 @@ def validate_data(
 
 
 def _print_quality(summary: dict) -> None:
-    t = Table(title=f"quality gate {summary['suite']}: {'passed' if summary['success'] else 'FAILED'} ({summary['seconds']} s)")
+    t = Table(title=f"quality gate {summary['suite']}: {'passed' if summary['success'] else 'FAILED'}")
     for col in ("expectation", "column", "result", "observed", "failing rows"):
         t.add_column(col, justify="left" if col in ("expectation", "column") else "right")
     for e in summary["expectations"]:

@@ -41,13 +41,17 @@ def _score(model_dir: Path, stimuli: Path) -> dict:
     return {"accuracy": res["accuracy"], "n": res["n"], "groups": {k: v["accuracy"] for k, v in res["groups"].items()}}
 
 
-def _train_arm(params, name: str, text: Path, work: Path) -> dict:
+def _train_arm(params, name: str, text: Path, work: Path, stimuli: Path, reuse: bool = False) -> dict:
+    """Train one arm (or, with ``reuse``, take the model a previous run of this script left in ``work``)
+    and score it on the NA stimuli."""
     paths = Paths(prepared=Path(params.prepare.out), train_text=text, model_dir=work / "model",
                   checkpoint=work / "last.pt", metrics=work / "train.json", curve=work / "curve.csv")
-    t0 = time.perf_counter()
-    summary = train(params, name, paths, quiet=True)
-    return {"model_dir": paths.model_dir, "train_tokens": summary["train_tokens"],
-            "best_valid_ppl": summary["best_valid_ppl"], "seconds": round(time.perf_counter() - t0, 1)}
+    if reuse and paths.metrics.is_file() and (paths.model_dir / "model.safetensors").is_file():
+        summary = json.loads(paths.metrics.read_text())
+    else:
+        summary = train(params, name, paths, quiet=True)
+    return {"train_tokens": summary["train_tokens"], "best_valid_ppl": summary["best_valid_ppl"],
+            "seconds": summary.get("train_seconds"), **_score(paths.model_dir, stimuli)}
 
 
 def _by_construction(groups: dict) -> dict:
@@ -64,6 +68,7 @@ def main() -> None:
     ap.add_argument("--work", default="runs/augment_safety", help="scratch folder for the extra models")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--retrain-safe", action="store_true", help="train the safe arm too (default: reuse the pipeline's)")
+    ap.add_argument("--reuse", action="store_true", help="take the models and text a previous run left in --work")
     args = ap.parse_args()
     out, work = Path(args.out), Path(args.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,13 +78,13 @@ def main() -> None:
     arms: dict[str, dict] = {}
 
     print(f"[original] training {name} on {params.prepare.out}/train_{name}.txt", flush=True)
-    arm = _train_arm(params, name, Path(params.prepare.out) / f"train_{name}.txt", work / "original")
-    arms["original"] = {**arm, **_score(arm.pop("model_dir"), stimuli)}
+    arms["original"] = _train_arm(params, name, Path(params.prepare.out) / f"train_{name}.txt", work / "original",
+                                  stimuli, args.reuse)
 
     if args.retrain_safe:
         print("[safe] training on the pipeline's augmented text", flush=True)
-        arm = _train_arm(params, name, Path(params.augment.out) / f"train_{name}.txt", work / "safe")
-        arms["safe"] = {**arm, **_score(arm.pop("model_dir"), stimuli)}
+        arms["safe"] = _train_arm(params, name, Path(params.augment.out) / f"train_{name}.txt", work / "safe",
+                                  stimuli, args.reuse)
     else:
         tm = json.loads(Path(f"metrics/train_{name}.json").read_text())
         arms["safe"] = {"train_tokens": tm["train_tokens"], "best_valid_ppl": tm["best_valid_ppl"],
@@ -92,12 +97,13 @@ def main() -> None:
     pipeline_stats = Path("metrics/augment.json")
     before = pipeline_stats.read_bytes() if pipeline_stats.is_file() else None
     try:
-        stats = run_augment(unsafe, progress=True)
+        if not (args.reuse and (work / "unsafe_text" / f"train_{name}.txt").is_file()):
+            run_augment(unsafe, progress=True)
     finally:  # run_augment writes its stats to metrics/augment.json: the pipeline's file is put back
         if before is not None:
             pipeline_stats.write_bytes(before)
-    arm = _train_arm(unsafe, name, work / "unsafe_text" / f"train_{name}.txt", work / "unsafe")
-    arms["unsafe"] = {**arm, **_score(arm.pop("model_dir"), stimuli), "synthetic": stats["models"][name]["synthetic"]}
+    arms["unsafe"] = _train_arm(unsafe, name, work / "unsafe_text" / f"train_{name}.txt", work / "unsafe", stimuli,
+                                args.reuse)
 
     result = {"model": name, "profile": params.profile, "arms": arms,
               "constructions": {a: _by_construction(r["groups"]) for a, r in arms.items()}}

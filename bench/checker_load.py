@@ -223,7 +223,8 @@ def summarize(results, wall: float) -> dict:
                        "errors": sum(1 for _, st, _ in items if st is None or st >= 500),
                        "unexpected": sum(1 for _, st, ex in items if st is not None and st < 500 and st != ex)}
     n = len(results)
-    return {"n": n, "wall_s": wall, "rps": n / wall if wall else 0.0, "rows": rows,
+    ok = sum(1 for _, _, st, ex in results if st == ex)  # shed (503) or failed requests are not throughput
+    return {"n": n, "ok": ok, "wall_s": wall, "rps": ok / wall if wall else 0.0, "rows": rows,
             "errors": sum(r["errors"] for r in rows.values()), "unexpected": sum(r["unexpected"] for r in rows.values())}
 
 

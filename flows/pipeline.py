@@ -160,6 +160,15 @@ def report_task(params: Params) -> str:
     return str(build(params.model_names))
 
 
+@task(task_run_name="calibrate-{name}")
+def calibrate_task(params: Params, name: str) -> dict:
+    """The checker's threshold for this model (``metrics/calibration_<name>.json``), registered with it."""
+    from agreelens.checker import run_calibrate
+
+    r = run_calibrate(params, name)
+    return {k: r[k] for k in ("threshold", "precision", "recall", "f1", "n")}
+
+
 @task(retries=2, retry_delay_seconds=5)  # I/O: the tracking/registry store
 def register_task(params: Params, name: str) -> dict:
     from agreelens.registry import register_model
@@ -288,6 +297,8 @@ def benchmark_flow(params: Params) -> dict:
 def evaluate_flow(params: Params) -> dict:
     evaluate_task(params)
     na = {name: r["accuracy"] for name, r in _with_runner(benchmark_flow, task_runner(params))(params).items()}
+    for name in params.model_names:  # as the dvc stage calibrate@<model>: never register a stale threshold
+        calibrate_task(params, name)
     text = table6_task(params)
     create_markdown_artifact(text, key="table6", description="Table 6: perplexity and NA accuracy")
     return na

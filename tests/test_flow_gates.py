@@ -15,7 +15,8 @@ from tests.conftest import ROOT
 pytest.importorskip("prefect")
 
 EXPECTED = ["restore", "prepare", "stimuli", "validate:raw", "finetune", "augment", "validate:augmented",
-            "train:small", "train:large", "evaluate", "evaluate_na:small", "evaluate_na:large", "table6",
+            "train:small", "train:large", "evaluate", "evaluate_na:small", "evaluate_na:large",
+            "calibrate:small", "calibrate:large", "table6",
             "sweep:small", "sweep:large", "units:small", "probe:small", "units:large", "probe:large", "report",
             "register:small", "register:large"]
 
@@ -25,6 +26,7 @@ def stand_ins(tmp_path, monkeypatch):
     """Temporary project (params.yaml only) and every library function the flows call, recording calls."""
     import agreelens.ablation
     import agreelens.augment
+    import agreelens.checker
     import agreelens.corpus
     import agreelens.data
     import agreelens.evaluate
@@ -89,6 +91,8 @@ def stand_ins(tmp_path, monkeypatch):
         (agreelens.train, "train", rec("train", {"best_valid_ppl": 50.0, "epochs": 1, "tokens_per_second": 100})),
         (agreelens.evaluate, "evaluate", rec("evaluate", {})),
         (agreelens.na, "evaluate_na", rec("evaluate_na", {"accuracy": 0.5})),
+        (agreelens.checker, "run_calibrate", rec("calibrate", {"threshold": 0.2, "precision": 1.0, "recall": 1.0,
+                                                                "f1": 1.0, "n": 2})),
         (agreelens.na, "table6", rec("table6", "| Table 6 |")),
         (agreelens.ablation, "run_sweep", rec("sweep", (sweep, None, None))),
         (agreelens.figures, "run_units", rec("units", {"units": [3]})),
@@ -164,7 +168,8 @@ def test_pipeline_on_dask_submits_scoring_and_sweep_parts(stand_ins, prefect_api
     result = pipeline("params.yaml", "tiny", register=True)
     i, j = calls.index("evaluate"), calls.index("table6")
     assert calls[:i + 1] == EXPECTED[:EXPECTED.index("evaluate") + 1]
-    assert sorted(calls[i + 1:j]) == ["evaluate_na:large", "evaluate_na:small"]  # concurrent: any order
+    assert sorted(calls[i + 1:j - 2]) == ["evaluate_na:large", "evaluate_na:small"]  # concurrent: any order
+    assert calls[j - 2:j] == ["calibrate:small", "calibrate:large"]  # after scoring, before Table 6
     k = calls.index("units:small")
     sweeps = calls[j + 1:k]  # parts of both models in flight at once; each merge after its model's parts
     assert sorted(sweeps) == ["sweep:large", "sweep:small"] + ["sweep_part:large"] * 2 + ["sweep_part:small"] * 2
