@@ -181,9 +181,10 @@ def augment_pairs(model, tokenizer, sentences: list[str], cfg: AugmentConfig, vo
     stats = {"sources": len(sentences), "masked": 0, "filled": 0, "kept": 0, "duplicates": 0, "unfilled": 0}
     filled: list[str | None] = [None] * len(jobs)
     order = sorted(range(len(jobs)), key=lambda j: len(jobs[j][1]))  # similar lengths share a batch: less padding
-    for lo in tqdm(range(0, len(order), cfg.batch_size), desc="augment", unit="batch", disable=not progress,
-                   mininterval=1.0):
+    bar = tqdm(total=len(order), desc="augment", unit="sentence", disable=not progress, mininterval=1.0)
+    for lo in range(0, len(order), cfg.batch_size):
         idx = order[lo : lo + cfg.batch_size]
+        bar.update(len(idx))  # tqdm shows sentences/s
         chunk = [jobs[j] for j in idx]
         texts = [" ".join(tokenizer.mask_token if i in pos else w for i, w in enumerate(words)) for _, words, pos in chunk]
         enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=128).to(device)
@@ -213,6 +214,7 @@ def augment_pairs(model, tokenizer, sentences: list[str], cfg: AugmentConfig, vo
                     stats["unfilled"] += 1
             m += n_masks
             filled[j] = " ".join(new)
+    bar.close()
     seen = set(sentences)
     out: list[tuple[int, str]] = []
     for (si, _, _), text in zip(jobs, filled):  # in source order: deduplicated against sources and outputs

@@ -128,6 +128,8 @@ def register_model(params, name: str, metrics_dir: str | Path = "metrics", model
     units = metrics_dir / f"units_{name}.json"
     tags = {"number_units": ",".join(str(u["unit"]) for u in json.loads(units.read_text())["number_units"])} \
         if units.is_file() else {}
+    tags.update({"augmented_dvc_md5": tracking.stage_out_hash("augment", params.augment.out),
+                 "params_hash": tracking.params_hash(params.model_dump())})
     return register(Path(models_dir) / name, f"{params.registry.prefix}-{name}", metrics, tags,
                     artifacts=["reports/report.md", f"reports/figures/units_{name}.png"],
                     tolerance=params.registry.tolerance, max_ppl=params.registry.max_ppl,

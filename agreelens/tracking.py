@@ -54,6 +54,15 @@ def dvc_hash(dvc_file: str | Path = "data.dvc") -> str:
         return "unknown"
 
 
+def stage_out_hash(stage: str, path: str, lock: str | Path = "dvc.lock") -> str:
+    """The md5 that ``dvc.lock`` records for output ``path`` of ``stage`` (e.g. the augmented text)."""
+    try:
+        outs = yaml.safe_load(Path(lock).read_text())["stages"][stage]["outs"]
+        return next(o["md5"] for o in outs if o["path"] == path)
+    except (OSError, KeyError, TypeError, StopIteration, yaml.YAMLError):
+        return "unknown"
+
+
 def params_hash(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 

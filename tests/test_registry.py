@@ -76,3 +76,13 @@ def test_pyfunc_predict_and_score_by_uri(tmp_path, monkeypatch):
     got = mlflow.pyfunc.load_model("models:/agreelens-t@champion").predict(pd.DataFrame(pairs))
     assert torch.allclose(torch.tensor(got, dtype=torch.float64), want, atol=1e-9)
     assert (resolve_model("models:/agreelens-t@champion") / "model.safetensors").is_file()
+
+
+def test_stage_out_hash_reads_dvc_lock(tmp_path):
+    from agreelens.tracking import stage_out_hash
+
+    lock = tmp_path / "dvc.lock"
+    lock.write_text("schema: '2.0'\nstages:\n  augment:\n    cmd: agreelens augment\n    outs:\n"
+                    "    - path: augmented\n      md5: abc123.dir\n")
+    assert stage_out_hash("augment", "augmented", lock) == "abc123.dir"
+    assert stage_out_hash("augment", "other", lock) == "unknown" and stage_out_hash("x", "y", tmp_path / "no") == "unknown"
