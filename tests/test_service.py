@@ -5,6 +5,7 @@ web page driven in headless Chromium (what a person sees: the flagged word and i
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -127,7 +128,8 @@ def test_check_flags_the_word_and_suggests_the_other_form(client, server):
     s0, s1 = out["sentences"]
     (a,) = s0["sites"]
     assert (a["word"], a["verdict"], a["suggestion"], a["kind"]) == ("likes", "error", "like", "verb")
-    assert a["margin"] == pytest.approx(-4.0, abs=1e-3) and 0.5 < a["confidence"] < 1
+    assert a["margin"] == pytest.approx(-4.0, abs=1e-3)
+    assert a["confidence"] == pytest.approx(1 / (1 + math.exp(-abs(a["margin"]))), abs=1e-3)  # sigmoid(scale 1 x |margin - 0|)
     assert s0["text"][a["span"][0]:a["span"][1]] == "likes"
     (b,) = s1["sites"]
     assert (b["word"], b["verdict"], b["suggestion"]) == ("like", "ok", None)
