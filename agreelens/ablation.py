@@ -346,7 +346,19 @@ def table7_rows(result: dict) -> tuple[list[str], list[list[str]]]:
 # ---------------------------------------------------------------------------------------- sweep
 
 
-def sweep_chunks(hidden_size: int, layers: int, chunk: int = 32) -> list[list[int]]:
+CPU_CHUNK = 32  # ablations per pass on a CPU (rows stay in cache); on CUDA a whole layer per pass
+
+
+def resolve_chunk(chunk: int, hidden_size: int, device: torch.device | str) -> int:
+    """``chunk`` units per sweep pass, or for 0 the device's default: 32 on a CPU, ``hidden_size`` (one
+    pass per layer) on CUDA, where wider passes keep the GPU busy (H200, 256x2 model: 1,887 units/s at
+    256 per pass vs 1,263 at 64)."""
+    if chunk:
+        return chunk
+    return hidden_size if torch.device(device).type == "cuda" else CPU_CHUNK
+
+
+def sweep_chunks(hidden_size: int, layers: int, chunk: int = CPU_CHUNK) -> list[list[int]]:
     """The passes of a full sweep: every unit (1..layers*H) in chunks of at most ``chunk`` units, a chunk
     never spanning two layers (the lower layers stay shared). Any subset of them is a part of the sweep
     (:func:`sweep_part`, e.g. one task per part on a cluster); :func:`merge_sweep` of parts covering them
@@ -458,12 +470,14 @@ def merge_sweep(parts: list[dict], threshold: float = THRESHOLD, seconds: float 
 
 
 def sweep(model: nn.Module, vocab: Vocab, pairs: list[dict], constructions: list[str] | None = None,
-          chunk: int = 32, progress: bool = True, threshold: float = THRESHOLD) -> dict:
+          chunk: int = 0, progress: bool = True, threshold: float = THRESHOLD) -> dict:
     """Ablate every unit alone; per unit and ``construction/condition`` group, the accuracy drop in
     points (full minus ablated). Units that cost >= ``threshold`` points in some group are the number
-    units. For units above layer 1 the lower layers run once, not once per unit."""
+    units. For units above layer 1 the lower layers run once, not once per unit. ``chunk`` units per
+    pass (0: :func:`resolve_chunk`'s default for the model's device)."""
     t0 = time.perf_counter()
     rnn = lstm_of(model)
+    chunk = resolve_chunk(chunk, rnn.hidden_size, _device(model))
     part = sweep_part(model, vocab, pairs, sweep_chunks(rnn.hidden_size, rnn.num_layers, chunk), constructions,
                       full=True, progress=progress)
     return merge_sweep([part], threshold, seconds=time.perf_counter() - t0)
@@ -530,14 +544,15 @@ def run_ablate(params, name: str, units: str | list[int], stimuli_dir: str | Pat
 
 
 def run_sweep(params, name: str, constructions: list[str] | None = None, stimuli_dir: str | Path = "stimuli",
-              metrics: str | Path = "metrics", figures: str | Path = "reports/figures", chunk: int = 32,
+              metrics: str | Path = "metrics", figures: str | Path = "reports/figures", chunk: int | None = None,
               progress: bool = True) -> tuple[dict, Path, Path]:
     """Sweep model ``name``; writes ``metrics/units_<name>.json`` and ``reports/figures/sweep_<name>.png``.
     Constructions default to ``analysis.sweep_constructions`` (else all), the threshold to
-    ``analysis.threshold``."""
+    ``analysis.threshold``, ``chunk`` to ``scale.sweep_chunk`` (0: by device, :func:`resolve_chunk`)."""
     threshold, default_constructions = _analysis(params)
     pairs = load_stimuli(stimuli_dir)
     model, vocab = _load(params, name)
+    chunk = params.scale.sweep_chunk if chunk is None else chunk
     result = sweep(model, vocab, pairs, constructions or default_constructions, chunk=chunk, progress=progress,
                    threshold=threshold)
     return save_sweep(result, name, metrics, figures)

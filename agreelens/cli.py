@@ -292,7 +292,8 @@ def sweep(
     params: str = ParamsOpt,
     profile: Optional[str] = ProfileOpt,
     stimuli_dir: str = typer.Option("stimuli", "--stimuli", help="folder of NA stimuli (.jsonl)"),
-    chunk: int = typer.Option(32, min=1, help="units ablated per pass"),
+    chunk: Optional[int] = typer.Option(
+        None, min=0, help="units ablated per pass (default scale.sweep_chunk; 0 = 32 on CPU, a whole layer on CUDA)"),
 ) -> None:
     """Ablate every unit alone; writes metrics/units_<model>.json, reports/figures/sweep_<model>.png."""
     from agreelens.ablation import run_sweep

@@ -177,7 +177,7 @@ class ScaleConfig(_Section):
     workers: int = Field(2, ge=1)  # LocalCluster only: worker count,
     threads_per_worker: int = Field(1, ge=1)  # threads per worker,
     processes: bool = False  # and workers in processes (True) or threads of this process (False)
-    sweep_chunk: int = Field(32, ge=1)  # units ablated per pass (as `agreelens sweep --chunk`)
+    sweep_chunk: int = Field(0, ge=0)  # units ablated per pass (as `agreelens sweep --chunk`; 0 = by device)
     sweep_tasks: int = Field(0, ge=0)  # tasks per model's sweep (0 = one per pass)
 
     @field_validator("dask")

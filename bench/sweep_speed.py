@@ -58,6 +58,7 @@ def zero_outgoing(model, unit: int):
             m.decoder.head.weight[:, j] = 0
             for tail in m.decoder.tail:
                 tail[0].weight[:, j] = 0
+    m.rnn.flatten_parameters()  # on CUDA, cuDNN would otherwise re-compact the copied weights on every call
     return m
 
 
@@ -86,6 +87,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda":  # both sides in plain fp32 (cuDNN's LSTM would otherwise use TF32)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     if args.model:
         model, vocab = load_model(args.model, device)
         cfg = model.cfg

@@ -201,11 +201,14 @@ def _with_runner(subflow, runner):
 
 
 def sweep_parts(params: Params, name: str) -> list[list[list[int]]]:
-    """Model ``name``'s sweep passes (``scale.sweep_chunk`` units each) in ``scale.sweep_tasks`` contiguous
-    parts (0: one part per pass). Contiguous, so a part's passes mostly share their lower layers."""
-    from agreelens.ablation import sweep_chunks, sweep_model_shape
+    """Model ``name``'s sweep passes (``scale.sweep_chunk`` units each; 0: by this machine's device) in
+    ``scale.sweep_tasks`` contiguous parts (0: one part per pass). Contiguous, so a part's passes mostly
+    share their lower layers."""
+    from agreelens.ablation import resolve_chunk, sweep_chunks, sweep_model_shape
+    from agreelens.model import default_device
 
-    chunks = sweep_chunks(*sweep_model_shape(name), params.scale.sweep_chunk)
+    hsz, layers = sweep_model_shape(name)
+    chunks = sweep_chunks(hsz, layers, resolve_chunk(params.scale.sweep_chunk, hsz, default_device()))
     n = min(params.scale.sweep_tasks or len(chunks), len(chunks))
     return [chunks[i * len(chunks) // n:(i + 1) * len(chunks) // n] for i in range(n)]
 

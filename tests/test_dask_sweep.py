@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from agreelens.ablation import merge_sweep, sweep, sweep_chunks, sweep_part
+from agreelens.ablation import merge_sweep, resolve_chunk, sweep, sweep_chunks, sweep_part
 from agreelens.config import ModelConfig
 from agreelens.model import RNNModel, save_model
 from agreelens.stimuli import StimuliConfig, generate, write
@@ -71,6 +71,13 @@ def test_sweep_chunks_never_span_layers():
     chunks = sweep_chunks(H, 2, CHUNK)
     assert chunks == [[1, 2, 3], [4, 5, 6], [7, 8], [9, 10, 11], [12, 13, 14], [15, 16]]
     assert sweep_chunks(H, 2, 32) == [list(range(1, 9)), list(range(9, 17))]
+
+
+def test_chunk_zero_means_32_on_cpu_and_a_whole_layer_on_cuda():
+    assert resolve_chunk(5, 650, "cuda") == 5  # an explicit chunk is kept
+    assert resolve_chunk(0, 650, "cpu") == 32
+    assert resolve_chunk(0, 650, "cuda") == 650
+    assert sweep_chunks(650, 2, resolve_chunk(0, 650, "cuda")) == [list(range(1, 651)), list(range(651, 1301))]
 
 
 def test_parts_in_any_order_merge_to_the_serial_sweep(vocab, pairs):
