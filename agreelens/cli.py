@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -116,15 +118,27 @@ def train(
     model: str = typer.Option(..., "--model", "-m", help="which model: a key of prepare.sizes (small, large)"),
     params: str = ParamsOpt,
     profile: Optional[str] = ProfileOpt,
+    nproc: int = typer.Option(1, min=1, help="data-parallel processes (DDP via torchrun: one per GPU, or gloo "
+                                            "on CPUs); train.batch_size must be divisible by it"),
 ) -> None:
     """Stage 2: train one LSTM LM (resumes from its checkpoint after an interruption)."""
     from agreelens.train import train as run_train
 
     p = _params(params, profile)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        if p.train.batch_size % nproc:
+            _fail(ValueError(f"train.batch_size {p.train.batch_size} is not divisible by --nproc {nproc}"))
+        args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "-m", "agreelens", "train", "--model", model, "--params", params]
+        if profile:
+            args += ["--profile", profile]
+        raise typer.Exit(subprocess.run(args).returncode)
     try:
         summary = run_train(p, model)
     except (FileNotFoundError, ValueError) as err:
         _fail(err)
+    if "RANK" in os.environ and os.environ["RANK"] != "0":
+        return
     console.print(
         f"[green]{model}[/green]: best valid PPL {summary['best_valid_ppl']:.1f} after {summary['epochs']:.2f} epochs, "
         f"{summary['train_seconds'] / 60:.1f} min, {summary['tokens_per_second']:,} tok/s -> models/{model}"

@@ -1,5 +1,6 @@
 """Training: truncated BPTT with hidden-state carry-over, clipping, LR schedule, early stopping,
-checkpoints that survive ``kill -9`` (the same command resumes and ends bit-identical), MLflow logging.
+checkpoints that survive ``kill -9`` (the same command resumes and ends bit-identical), MLflow logging,
+data-parallel under ``torchrun`` (:mod:`agreelens.distributed`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from tqdm import tqdm
 from agreelens import tracking
 from agreelens.config import Params
 from agreelens.corpus import read_split
-from agreelens.model import RNNModel, default_device, save_model
+from agreelens.distributed import World, wrap
+from agreelens.model import RNNModel, save_model
 from agreelens.plots import plot_learning_curves
 from agreelens.vocab import Vocab
 
@@ -140,6 +142,19 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
 
 
+class _Step(torch.nn.Module):
+    """One training forward: features and loss in one call, so that DDP sees every parameter used
+    (the decoder's too) in the graph of its output."""
+
+    def __init__(self, model: RNNModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, hidden, y: torch.Tensor):
+        features, hidden = self.model(x, hidden)
+        return self.model.loss(features, y), hidden
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -147,13 +162,22 @@ def _seed_all(seed: int) -> None:
 
 
 def train(params: Params, name: str, paths: Paths | None = None, quiet: bool = False) -> dict:
-    """Train model ``name`` (a key of ``prepare.sizes``); resume from its checkpoint if one matches."""
+    """Train model ``name`` (a key of ``prepare.sizes``); resume from its checkpoint if one matches.
+    Under ``torchrun``, one data-parallel rank of the job (rank 0 writes everything)."""
     if name not in params.prepare.sizes:
         raise ValueError(f"unknown model '{name}': params.yaml prepare.sizes defines {list(params.prepare.sizes)}")
+    world = World.from_env()
+    try:
+        return _train(params, name, paths, quiet or not world.main, world)
+    finally:
+        world.close()
+
+
+def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: World) -> dict:
     t = params.train
     paths = paths or Paths.for_model(params, name)
-    torch.set_num_threads(t.threads or os.cpu_count() or 1)
-    device = default_device()
+    torch.set_num_threads(world.threads(t.threads))
+    device = world.device
     amp_dtype = autocast_dtype(device) if t.amp else None
 
     vocab = Vocab.load(paths.prepared / "vocab.txt")
@@ -173,6 +197,9 @@ def train(params: Params, name: str, paths: Paths | None = None, quiet: bool = F
     na_pairs = _na_pairs(t.na_stimuli)
     _seed_all(t.seed)
     model = RNNModel(len(vocab), params.model).to(device)
+    if world.distributed:  # same initial weights everywhere; dropout masks of their own
+        torch.manual_seed(t.seed + 7919 * world.rank)
+    step_fn = wrap(_Step(model), world)
     opt = _make_optimizer(model, params)
     sched = _make_scheduler(opt, params, total_steps)
     fingerprint = _fingerprint(params, paths, name)
@@ -188,11 +215,19 @@ def train(params: Params, name: str, paths: Paths | None = None, quiet: bool = F
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
             st.update(ckpt["state"])
-            hidden = tuple(h.to(device) for h in ckpt["hidden"]) if ckpt["hidden"] is not None else None
+            if not world.main:  # the checkpoint's loss window holds every rank's sum: count it once
+                st["window_loss"], st["window_tokens"] = 0.0, 0
+            hidden = (tuple(world.shard(h).to(device) for h in ckpt["hidden"])
+                      if ckpt["hidden"] is not None else None)
             best_state = ckpt["best_model"]
-            torch.set_rng_state(ckpt["rng"]["torch"])
-            if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
-                torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+            ranks = ckpt["rng"].get("ranks")
+            if world.distributed and (ranks is None or len(ranks) != world.size):
+                torch.manual_seed(t.seed + 7919 * world.rank + st["step"])  # other world size: fresh streams
+            else:
+                rng = ranks[world.rank] if world.distributed else ckpt["rng"]
+                torch.set_rng_state(rng["torch"])
+                if device.type == "cuda" and rng.get("cuda") is not None:
+                    torch.cuda.set_rng_state(rng["cuda"])
             if not quiet:
                 print(f"[train {name}] resuming from {paths.checkpoint} at step {st['step']}")
         elif not quiet:
@@ -205,13 +240,23 @@ def train(params: Params, name: str, paths: Paths | None = None, quiet: bool = F
             "params_hash": tracking.params_hash(mlflow_params), "agreelens.model": name}
 
     def checkpoint() -> None:
+        """Every rank takes part (hidden state and RNG streams are gathered); rank 0 writes."""
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device.type == "cuda" else None}
+        ranks = world.gather(rng)
+        full = None if hidden is None else tuple(world.gather_columns(h.detach()) for h in hidden)
+        window = world.sum(st["window_loss"], st["window_tokens"])
+        if not world.main:
+            return
+        if world.distributed:
+            rng = {**rng, "ranks": ranks}
         _save_checkpoint(paths.checkpoint, {
             "fingerprint": fingerprint, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "state": st, "rng": rng, "best_model": best_state,
-            "hidden": None if hidden is None else tuple(h.detach() for h in hidden)})
+            "scheduler": sched.state_dict(), "rng": rng, "best_model": best_state, "hidden": full,
+            "state": {**st, "window_loss": window[0], "window_tokens": int(window[1])}})
 
-    with tracking.mlflow_run("agreelens-train", f"train-{name}", mlflow_params, tags, st["run_id"]) as run:
+    mlflow = (tracking.mlflow_run("agreelens-train", f"train-{name}", mlflow_params, tags, st["run_id"])
+              if world.main else nullcontext(tracking.Run(None)))
+    with mlflow as run:
         st["run_id"] = run.id
         model.train()
         bar = tqdm(total=total_steps, initial=st["step"], desc=f"train {name}", unit="step",
@@ -219,16 +264,15 @@ def train(params: Params, name: str, paths: Paths | None = None, quiet: bool = F
         done = st["step"] >= total_steps or st["stopped_early"]
         t0 = time.perf_counter()
         while not done and st["epoch"] < t.epochs:
-            data = batchify(stream.epoch(t.seed, st["epoch"], t.shuffle), t.batch_size)
+            data = world.shard(batchify(stream.epoch(t.seed, st["epoch"], t.shuffle), t.batch_size))
             if hidden is None:
-                hidden = model.init_hidden(t.batch_size)
+                hidden = model.init_hidden(data.size(1))
             for i in range(st["epoch_step"], steps_per_epoch):
                 x = data[i * t.bptt : (i + 1) * t.bptt].to(device, non_blocking=True)
                 y = data[i * t.bptt + 1 : (i + 1) * t.bptt + 1].to(device, non_blocking=True)
                 hidden = tuple(h.detach() for h in hidden)
                 with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                    features, hidden = model(x, hidden)
-                    loss = model.loss(features, y)
+                    loss, hidden = step_fn(x, hidden, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
@@ -250,26 +294,31 @@ def train(params: Params, name: str, paths: Paths | None = None, quiet: bool = F
                                     tok_s=f"{rate * y.numel():.0f}")
                 last = (i + 1 == steps_per_epoch) or st["step"] >= total_steps
                 if (i + 1) % eval_every == 0 or last:
-                    vppl = stream_perplexity(model, valid, t.bptt)
+                    window_loss, window_tokens = world.sum(st["window_loss"], st["window_tokens"])
+                    vppl = stream_perplexity(model, valid, t.bptt) if world.main else None
+                    vppl = world.broadcast(vppl)  # rank 0 evaluates; all ranks schedule and stop alike
                     t0 = time.perf_counter()
-                    train_ppl = math.exp(min(st["window_loss"] / max(st["window_tokens"], 1), 50))
-                    point = {"step": st["step"], "epoch": round(st["step"] / steps_per_epoch, 3),
-                             "tokens": st["step"] * t.batch_size * t.bptt, "train_ppl": round(train_ppl, 3),
-                             "valid_ppl": round(vppl, 3), "lr": opt.param_groups[0]["lr"],
-                             "seconds": round(st["seconds"], 1)}
-                    if na_pairs:
-                        point.update(na_accuracy(model, vocab, na_pairs))
-                    st["history"].append(point)
+                    train_ppl = math.exp(min(window_loss / max(window_tokens, 1), 50))
                     st["window_loss"], st["window_tokens"] = 0.0, 0
-                    run.log_metrics({k: v for k, v in point.items() if k not in ("step", "tokens", "seconds")},
-                                    step=st["step"])
-                    if not quiet:
-                        na = f", NA {point['na_accuracy']:.1%} (nounpp {point['na_nounpp']:.1%})" if na_pairs else ""
-                        bar.write(f"[train {name}] step {st['step']} epoch {point['epoch']:.2f}: "
-                                  f"train ppl {train_ppl:.1f}, valid ppl {vppl:.1f}{na}")
+                    if world.main:
+                        point = {"step": st["step"], "epoch": round(st["step"] / steps_per_epoch, 3),
+                                 "tokens": st["step"] * t.batch_size * t.bptt, "train_ppl": round(train_ppl, 3),
+                                 "valid_ppl": round(vppl, 3), "lr": opt.param_groups[0]["lr"],
+                                 "seconds": round(st["seconds"], 1)}
+                        if na_pairs:
+                            point.update(na_accuracy(model, vocab, na_pairs))
+                        st["history"].append(point)
+                        run.log_metrics({k: v for k, v in point.items() if k not in ("step", "tokens", "seconds")},
+                                        step=st["step"])
+                        if not quiet:
+                            na = (f", NA {point['na_accuracy']:.1%} (nounpp {point['na_nounpp']:.1%})"
+                                  if na_pairs else "")
+                            bar.write(f"[train {name}] step {st['step']} epoch {point['epoch']:.2f}: "
+                                      f"train ppl {train_ppl:.1f}, valid ppl {vppl:.1f}{na}")
                     if vppl < st["best_valid_ppl"]:
                         st["best_valid_ppl"], st["bad_evals"] = vppl, 0
-                        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                        if world.main:
+                            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                     else:
                         st["bad_evals"] += 1
                     if t.schedule == "plateau":
@@ -291,11 +340,17 @@ def train(params: Params, name: str, paths: Paths | None = None, quiet: bool = F
 
         if best_state is not None:
             model.load_state_dict(best_state)
+        if world.distributed:
+            st["seconds"] = max(world.gather(st["seconds"]))
         summary = {"model": name, "best_valid_ppl": round(st["best_valid_ppl"], 3), "steps": st["step"],
                    "epochs": round(st["step"] / steps_per_epoch, 3), "train_tokens": stream.tokens,
                    "tokens_seen": st["step"] * t.batch_size * t.bptt, "train_seconds": round(st["seconds"], 1),
                    "tokens_per_second": round(st["step"] * t.batch_size * t.bptt / max(st["seconds"], 1e-9)),
                    "stopped_early": st["stopped_early"], "device": device.type, "profile": params.profile}
+        if world.distributed:
+            summary["processes"] = world.size
+        if not world.main:
+            return summary
         save_model(model.cpu(), vocab, paths.model_dir, extra={"name": name, "train": summary})
         write_curve(paths.curve, st["history"])
         figure = plot_learning_curves([name], paths.curve.with_suffix(".png"), folder=paths.curve.parent)

@@ -1,0 +1,5 @@
+"""``python -m agreelens ...`` = the ``agreelens`` command (and what ``torchrun -m agreelens`` runs)."""
+
+from agreelens.cli import main
+
+main()
