@@ -5,7 +5,8 @@
 
 Flows: ``prepare_flow``, ``augment_flow`` (MLM fine-tuning, BERT augmentation), ``train_flow`` (small and
 large), ``evaluate_flow`` (test PPL, ``benchmark_flow``: NA accuracy and BLiMP, Table 6), ``inside_flow``
-(``sweep_flow``, Table 7 + figures, probes), ``register_flow`` (MLflow registry) and ``pipeline`` composing
+(``sweep_flow`` = flow ``ablate``: the unit sweep; Table 7 + figures; ``probe_flow``: the probing classifiers;
+the report), ``register_flow`` (MLflow registry) and ``pipeline`` composing
 them in this order: prepare → quality gate ``raw`` → fine-tune MLM → augment → quality gate ``augmented``
 → train → evaluate → inside → register. A failed gate fails the run (its message names the report
 ``reports/quality/<suite>.md``) and nothing after it runs. Each flow publishes a markdown artifact with
@@ -307,7 +308,7 @@ def evaluate_flow(params: Params) -> dict:
     return na
 
 
-@flow(name="sweep")
+@flow(name="ablate")
 def sweep_flow(params: Params) -> dict:
     """Every unit of every model ablated alone (``metrics/units_<model>.json``). With ``scale.dask`` each
     model's sweep is split into parts of whole passes (:func:`sweep_parts`), submitted as tasks and
@@ -321,6 +322,25 @@ def sweep_flow(params: Params) -> dict:
             for name, fs in futures.items()}
 
 
+@flow(name="probe")
+def probe_flow(params: Params) -> dict:
+    """The probing classifiers of every model (``metrics/probe_<model>.json``)."""
+    out = {name: probe_task(params, name) for name in params.model_names}
+    create_markdown_artifact(_table([(n, *_probe_row(r)) for n, r in out.items()],
+                                    ("model", "probe (a): held-out accuracy", "probe (b): subject number at the verb")),
+                             key="probe", description="probing classifiers")
+    return out
+
+
+def _probe_row(result: dict) -> tuple[str, str]:
+    """Probe (a)'s held-out accuracy; probe (b)'s accuracy at the verb, best state per construction,
+    averaged over constructions."""
+    a = result.get("classifier", {}).get("accuracy")
+    at_verb = [max(curve[d["verb"]] for curve in d["accuracy"].values())
+               for d in result.get("diagnostic", {}).values() if d.get("accuracy")]
+    return (f"{a:.3f}" if a is not None else "-", f"{sum(at_verb) / len(at_verb):.3f}" if at_verb else "-")
+
+
 @flow(name="inside")
 def inside_flow(params: Params) -> dict:
     sweeps = _with_runner(sweep_flow, task_runner(params))(params)
@@ -328,7 +348,7 @@ def inside_flow(params: Params) -> dict:
     for name in params.model_names:
         found[name] = {"number_units": [u["unit"] for u in sweeps[name]["number_units"]],
                        "plotted": units_task(params, name)}
-        probe_task(params, name)
+    probe_flow(params)
     report = report_task(params)
     create_markdown_artifact(Path(report).read_text(), key="report", description="agreelens report")
     return found

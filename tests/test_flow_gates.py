@@ -17,8 +17,12 @@ pytest.importorskip("prefect")
 EXPECTED = ["restore", "prepare", "stimuli", "validate:raw", "finetune", "augment", "validate:augmented",
             "train:small", "train:large", "evaluate", "evaluate_na:small", "evaluate_na:large",
             "calibrate:small", "calibrate:large", "table6",
-            "sweep:small", "sweep:large", "units:small", "probe:small", "units:large", "probe:large", "report",
+            "sweep:small", "sweep:large", "units:small", "units:large", "probe:small", "probe:large", "report",
             "register:small", "register:large"]
+
+
+PROBE = {"classifier": {"accuracy": 0.625},  # probe (b): the verb is word 2; the best state there decodes 0.875
+         "diagnostic": {"nounpp": {"verb": 2, "accuracy": {"L1.h": [0.5, 0.75, 0.875], "L2.c": [0.5, 1.0, 0.5]}}}}
 
 
 @pytest.fixture()
@@ -96,7 +100,7 @@ def stand_ins(tmp_path, monkeypatch):
         (agreelens.na, "table6", rec("table6", "| Table 6 |")),
         (agreelens.ablation, "run_sweep", rec("sweep", (sweep, None, None))),
         (agreelens.figures, "run_units", rec("units", {"units": [3]})),
-        (agreelens.probe, "run_probe", rec("probe", {})),
+        (agreelens.probe, "run_probe", rec("probe", PROBE)),
         (agreelens.report, "build", build),
         (agreelens.registry, "register_model", register_model),
     ]:
@@ -133,7 +137,8 @@ def test_pipeline_order_gates_and_artifacts(stand_ins, prefect_api):
     assert result["quality"] == {"raw": True, "augmented": True}
     assert result["augment"]["augment"]["models"]["large"]["synthetic"] == 38
     assert result["na"] == {"small": 0.5, "large": 0.5} and result["units"]["large"]["number_units"] == [3]
-    art = _artifacts(["quality-raw", "quality-augmented", "augmentation"])
+    art = _artifacts(["quality-raw", "quality-augmented", "augmentation", "probe"])
+    assert "| large | 0.625 | 0.875 |" in art["probe"]
     assert "Quality gate `raw`: PASSED" in art["quality-raw"]
     assert "Quality gate `augmented`: PASSED" in art["quality-augmented"]
     aug = art["augmentation"]
