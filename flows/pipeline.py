@@ -324,21 +324,20 @@ def sweep_flow(params: Params) -> dict:
 
 @flow(name="probe")
 def probe_flow(params: Params) -> dict:
-    """The probing classifiers of every model (``metrics/probe_<model>.json``)."""
+    """The probing classifiers of every model (``metrics/probe_<model>.json``); the artifact has the
+    held-out accuracies per construction, as ``agreelens probe`` prints them."""
+    from agreelens.probe import verb_decoding
+
     out = {name: probe_task(params, name) for name in params.model_names}
-    create_markdown_artifact(_table([(n, *_probe_row(r)) for n, r in out.items()],
-                                    ("model", "probe (a): held-out accuracy", "probe (b): subject number at the verb")),
-                             key="probe", description="probing classifiers")
+    rows = []
+    for name, r in out.items():
+        best = verb_decoding(r)
+        rows += [(name, cons, f"{v['accuracy']:.3f}",
+                  *[f"{best[cons][k][0]:.3f} ({best[cons][k][1]})" if cons in best else "-" for k in ("before", "at")])
+                 for cons, v in r["classifier"]["constructions"].items()]
+    header = ("model", "construction", "(a) good vs bad", "(b) subject number before the verb", "(b) at the verb")
+    create_markdown_artifact(_table(rows, header), key="probe", description="probing classifiers (held-out accuracy)")
     return out
-
-
-def _probe_row(result: dict) -> tuple[str, str]:
-    """Probe (a)'s held-out accuracy; probe (b)'s accuracy at the verb, best state per construction,
-    averaged over constructions."""
-    a = result.get("classifier", {}).get("accuracy")
-    at_verb = [max(curve[d["verb"]] for curve in d["accuracy"].values())
-               for d in result.get("diagnostic", {}).values() if d.get("accuracy")]
-    return (f"{a:.3f}" if a is not None else "-", f"{sum(at_verb) / len(at_verb):.3f}" if at_verb else "-")
 
 
 @flow(name="inside")

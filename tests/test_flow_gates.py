@@ -21,7 +21,7 @@ EXPECTED = ["restore", "prepare", "stimuli", "validate:raw", "finetune", "augmen
             "register:small", "register:large"]
 
 
-PROBE = {"classifier": {"accuracy": 0.625},  # probe (b): the verb is word 2; the best state there decodes 0.875
+PROBE = {"classifier": {"accuracy": 0.625, "constructions": {"nounpp": {"accuracy": 0.625, "n": 8}}},
          "diagnostic": {"nounpp": {"verb": 2, "accuracy": {"L1.h": [0.5, 0.75, 0.875], "L2.c": [0.5, 1.0, 0.5]}}}}
 
 
@@ -138,7 +138,7 @@ def test_pipeline_order_gates_and_artifacts(stand_ins, prefect_api):
     assert result["augment"]["augment"]["models"]["large"]["synthetic"] == 38
     assert result["na"] == {"small": 0.5, "large": 0.5} and result["units"]["large"]["number_units"] == [3]
     art = _artifacts(["quality-raw", "quality-augmented", "augmentation", "probe"])
-    assert "| large | 0.625 | 0.875 |" in art["probe"]
+    assert "| large | nounpp | 0.625 | 1.000 (L2.c) | 0.875 (L1.h) |" in art["probe"]  # best state per word
     assert "Quality gate `raw`: PASSED" in art["quality-raw"]
     assert "Quality gate `augmented`: PASSED" in art["quality-augmented"]
     aug = art["augmentation"]
