@@ -26,6 +26,8 @@ err_console = Console(stderr=True)
 
 ParamsOpt = typer.Option("params.yaml", "--params", help="settings file (the one source of truth)")
 ProfileOpt = typer.Option(None, "--profile", help="profile of params.yaml to apply (default: its `profile` key)")
+ModelOpt = typer.Option(..., "--model", "-m", help="model name under models/ or a model directory")
+StimuliOpt = typer.Option("stimuli", "--stimuli", help="folder of NA stimuli (.jsonl)")
 
 
 def _params(path: str, profile: Optional[str]):
@@ -40,6 +42,14 @@ def _params(path: str, profile: Optional[str]):
 def _fail(err: Exception) -> None:
     err_console.print(f"[red]error:[/red] {err}")
     raise typer.Exit(1)
+
+
+def _call(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; a missing file or a bad value ends the command with its message (exit 1)."""
+    try:
+        return fn(*args, **kwargs)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(err)
 
 
 @app.command()
@@ -133,10 +143,7 @@ def train(
         if profile:
             args += ["--profile", profile]
         raise typer.Exit(subprocess.run(args).returncode)
-    try:
-        summary = run_train(p, model)
-    except (FileNotFoundError, ValueError) as err:
-        _fail(err)
+    summary = _call(run_train, p, model)
     if "RANK" in os.environ and os.environ["RANK"] != "0":
         return
     console.print(
@@ -168,10 +175,7 @@ def stimuli(
     from agreelens.na import make_stimuli
 
     p = _params(params, profile)
-    try:
-        rep = make_stimuli(p, out)
-    except (FileNotFoundError, ValueError) as err:
-        _fail(err)
+    rep = _call(make_stimuli, p, out)
     oov = {k: v for k, v in (rep.get("oov") or {}).items() if v}
     if oov:
         console.print(f"[yellow]out-of-vocabulary pool words (dropped from the pools):[/yellow] {oov}")
@@ -186,7 +190,7 @@ def stimuli(
 
 @app.command("evaluate-na")
 def evaluate_na(
-    model: str = typer.Option(..., "--model", "-m", help="model name under models/ or a model directory"),
+    model: str = ModelOpt,
     params: str = ParamsOpt,
     profile: Optional[str] = ProfileOpt,
 ) -> None:
@@ -194,10 +198,7 @@ def evaluate_na(
     from agreelens.na import evaluate_na as run
 
     p = _params(params, profile)
-    try:
-        r = run(p, model)
-    except (FileNotFoundError, ValueError) as err:
-        _fail(err)
+    r = _call(run, p, model)
     t = Table(title=f"NA accuracy of {model}: {r['accuracy']:.1%} ({r['n']:,} pairs, {r['oov']} OOV)")
     t.add_column("construction")
     conds = ["S", "P", "SS", "SP", "PS", "PP"]
@@ -275,21 +276,18 @@ def _print_table7(result: dict, model: str) -> None:
 
 @app.command()
 def ablate(
-    model: str = typer.Option(..., "--model", "-m", help="model name under models/ or a model directory"),
+    model: str = ModelOpt,
     units: str = typer.Option(..., "--units", "-u", help="comma-separated unit numbers: 1..H layer 1, H+1..2H layer 2"),
     params: str = ParamsOpt,
     profile: Optional[str] = ProfileOpt,
-    stimuli_dir: str = typer.Option("stimuli", "--stimuli", help="folder of NA stimuli (.jsonl)"),
+    stimuli_dir: str = StimuliOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (for scripts)"),
 ) -> None:
     """Table 7: NA accuracy per construction x condition, full model vs ablated units (each, then all)."""
     from agreelens.ablation import run_ablate
 
     p = _params(params, profile)
-    try:
-        r = run_ablate(p, model, units, stimuli_dir)
-    except (FileNotFoundError, ValueError) as err:
-        _fail(err)
+    r = _call(run_ablate, p, model, units, stimuli_dir)
     if as_json:
         print(json.dumps(r))
         return
@@ -299,13 +297,13 @@ def ablate(
 
 @app.command()
 def sweep(
-    model: str = typer.Option(..., "--model", "-m", help="model name under models/ or a model directory"),
+    model: str = ModelOpt,
     constructions: Optional[str] = typer.Option(
         None, help="comma-separated constructions, e.g. nounpp,simple (default: analysis.sweep_constructions, else all)"
     ),
     params: str = ParamsOpt,
     profile: Optional[str] = ProfileOpt,
-    stimuli_dir: str = typer.Option("stimuli", "--stimuli", help="folder of NA stimuli (.jsonl)"),
+    stimuli_dir: str = StimuliOpt,
     chunk: Optional[int] = typer.Option(
         None, min=0, help="units ablated per pass (default scale.sweep_chunk; 0 = 32 on CPU, a whole layer on CUDA)"),
 ) -> None:
@@ -314,10 +312,7 @@ def sweep(
 
     p = _params(params, profile)
     cons = [c.strip() for c in constructions.split(",") if c.strip()] if constructions else None
-    try:
-        r, out, fig = run_sweep(p, model, cons, stimuli_dir, chunk=chunk)
-    except (FileNotFoundError, ValueError) as err:
-        _fail(err)
+    r, out, fig = _call(run_sweep, p, model, cons, stimuli_dir, chunk=chunk)
     t = Table(title=f"number units of {model}: ablation costs >= {r['threshold']:g} points in some condition")
     for col in ("unit", "layer", "index", "max drop", "condition"):
         t.add_column(col, justify="right")
@@ -330,19 +325,16 @@ def sweep(
 
 @app.command()
 def units(
-    model: str = typer.Option(..., "--model", "-m", help="model name under models/ or a model directory"),
+    model: str = ModelOpt,
     params: str = ParamsOpt,
     profile: Optional[str] = ProfileOpt,
-    stimuli_dir: str = typer.Option("stimuli", "--stimuli", help="folder of NA stimuli (.jsonl)"),
+    stimuli_dir: str = StimuliOpt,
 ) -> None:
     """Stage 8: Table 7 for the sweep's top number units (+ analysis.units), Figures 2-3, gate saturation."""
     from agreelens.figures import run_units
 
     p = _params(params, profile)
-    try:
-        r = run_units(p, model, stimuli_dir)
-    except (FileNotFoundError, ValueError) as err:
-        _fail(err)
+    r = _call(run_units, p, model, stimuli_dir)
     _print_table7(r["table7"], model)
     tag = Path(model).name
     console.print(f"figures: reports/figures/units_{tag}.png, reports/figures/saturation_{tag}.png")
@@ -350,19 +342,16 @@ def units(
 
 @app.command()
 def probe(
-    model: str = typer.Option(..., "--model", "-m", help="model name under models/ or a model directory"),
+    model: str = ModelOpt,
     params: str = ParamsOpt,
     profile: Optional[str] = ProfileOpt,
-    stimuli_dir: str = typer.Option("stimuli", "--stimuli", help="folder of NA stimuli (.jsonl)"),
+    stimuli_dir: str = StimuliOpt,
 ) -> None:
     """Probing classifiers: good vs bad sentence from max-pooled states, subject number per word."""
     from agreelens.probe import run_probe, verb_decoding
 
     p = _params(params, profile)
-    try:
-        r = run_probe(p, model, stimuli_dir)
-    except (FileNotFoundError, ValueError) as err:
-        _fail(err)
+    r = _call(run_probe, p, model, stimuli_dir)
     cl, best = r["classifier"], verb_decoding(r)
     t = Table(title=f"probes of {model}: held-out accuracy ({cl['n_heldout']:,} held-out sentences)")
     for col in ("construction", "(a) good vs bad", "(b) before verb", "(b) at verb"):
@@ -483,10 +472,7 @@ def calibrate(
     from agreelens.checker import run_calibrate
 
     p = _params(params, profile)
-    try:
-        r = run_calibrate(p, model)
-    except (FileNotFoundError, ValueError) as err:
-        _fail(err)
+    r = _call(run_calibrate, p, model)
     tag = r["model"]
     if as_json:
         print(json.dumps({k: v for k, v in r.items() if k != "lexicon"}))
