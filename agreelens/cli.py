@@ -123,6 +123,22 @@ def augment_cmd(params: str = ParamsOpt, profile: Optional[str] = ProfileOpt) ->
     console.print({k: stats[k] for k in ("sources", "masked", "filled", "unfilled", "duplicates", "kept") if k in stats})
 
 
+def _relaunch_ddp(p, nproc: int, args: list[str]) -> None:
+    """Run ``agreelens <args>`` as ``nproc`` DDP processes under torchrun; exits with their status."""
+    import torch
+
+    if "WORLD_SIZE" in os.environ:
+        _fail(ValueError(f"already one of {os.environ['WORLD_SIZE']} processes (WORLD_SIZE is set): "
+                         "run without --nproc under torchrun, or unset WORLD_SIZE"))
+    if p.train.batch_size % nproc:
+        _fail(ValueError(f"train.batch_size {p.train.batch_size} is not divisible by --nproc {nproc}"))
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        _fail(ValueError(f"--nproc {nproc} but this machine has {torch.cuda.device_count()} GPU(s): one process per GPU"))
+    rc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                         f"--nproc_per_node={nproc}", "-m", "agreelens", *args]).returncode
+    raise typer.Exit(rc if rc >= 0 else 128 - rc)  # killed by signal N: 128 + N, as a shell reports it
+
+
 @app.command()
 def train(
     model: str = typer.Option(..., "--model", "-m", help="which model: a key of prepare.sizes (small, large)"),
@@ -135,14 +151,9 @@ def train(
     from agreelens.train import train as run_train
 
     p = _params(params, profile)
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        if p.train.batch_size % nproc:
-            _fail(ValueError(f"train.batch_size {p.train.batch_size} is not divisible by --nproc {nproc}"))
-        args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "-m", "agreelens", "train", "--model", model, "--params", params]
-        if profile:
-            args += ["--profile", profile]
-        raise typer.Exit(subprocess.run(args).returncode)
+    if nproc > 1:
+        _relaunch_ddp(p, nproc, ["train", "--model", model, "--params", params,
+                                 *(["--profile", profile] if profile else [])])
     summary = _call(run_train, p, model)
     if "RANK" in os.environ and os.environ["RANK"] != "0":
         return
@@ -305,7 +316,7 @@ def sweep(
     profile: Optional[str] = ProfileOpt,
     stimuli_dir: str = StimuliOpt,
     chunk: Optional[int] = typer.Option(
-        None, min=0, help="units ablated per pass (default scale.sweep_chunk; 0 = 32 on CPU, a whole layer on CUDA)"),
+        None, min=0, help="units ablated per pass (default scale.sweep_chunk; 0 = 32 on CPU, a layer of up to 256 units on CUDA)"),
 ) -> None:
     """Ablate every unit alone; writes metrics/units_<model>.json, reports/figures/sweep_<model>.png."""
     from agreelens.ablation import run_sweep

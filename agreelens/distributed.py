@@ -8,8 +8,10 @@ processes with ``train.batch_size`` B train the same model as one process with B
 floating-point sums; tested with 2 gloo processes on a CPU). Backend: NCCL on CUDA (one GPU per
 process, ``cuda:LOCAL_RANK``), gloo on CPUs.
 
-Rank 0 alone evaluates, logs to MLflow, writes checkpoints and the model; the others receive its
-validation perplexity so that LR schedule and early stopping stay in step everywhere.
+With dropout, each rank draws its own masks, so the runs are alike in distribution, not in their
+bits. Rank 0 alone evaluates, logs to MLflow, writes checkpoints and the model; the others receive its
+validation perplexity so that LR schedule and early stopping stay in step everywhere. Every rank reads
+the project folder (data, checkpoints): on several machines it must be a shared filesystem.
 """
 
 from __future__ import annotations
@@ -117,12 +119,12 @@ class World:
             dist.destroy_process_group()
 
 
-def wrap(model: torch.nn.Module, world: World) -> torch.nn.Module:
-    """``model`` in DDP for training when distributed (else itself). Unused parameters are allowed: an
-    adaptive softmax's tail cluster gets no gradient in a batch without one of its words."""
+def wrap(model: torch.nn.Module, world: World, unused: bool = True) -> torch.nn.Module:
+    """``model`` in DDP for training when distributed (else itself). ``unused``: some parameters may get
+    no gradient in a step (an adaptive softmax's tail cluster in a batch without one of its words)."""
     if not world.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [world.device.index] if world.device.type == "cuda" else None
-    return DDP(model, device_ids=ids, find_unused_parameters=True)
+    return DDP(model, device_ids=ids, find_unused_parameters=unused)

@@ -199,7 +199,7 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
     model = RNNModel(len(vocab), params.model).to(device)
     if world.distributed:  # same initial weights everywhere; dropout masks of their own
         torch.manual_seed(t.seed + 7919 * world.rank)
-    step_fn = wrap(_Step(model), world)
+    step_fn = wrap(_Step(model), world, unused=params.model.softmax == "adaptive")
     opt = _make_optimizer(model, params)
     sched = _make_scheduler(opt, params, total_steps)
     fingerprint = _fingerprint(params, paths, name)
@@ -225,9 +225,9 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
                 torch.manual_seed(t.seed + 7919 * world.rank + st["step"])  # other world size: fresh streams
             else:
                 rng = ranks[world.rank] if world.distributed else ckpt["rng"]
-                torch.set_rng_state(rng["torch"])
+                torch.set_rng_state(rng["torch"].cpu())  # map_location moved it; RNG states live on the CPU
                 if device.type == "cuda" and rng.get("cuda") is not None:
-                    torch.cuda.set_rng_state(rng["cuda"])
+                    torch.cuda.set_rng_state(rng["cuda"].cpu())
             if not quiet:
                 print(f"[train {name}] resuming from {paths.checkpoint} at step {st['step']}")
         elif not quiet:

@@ -325,7 +325,7 @@ def sweep_flow(params: Params) -> dict:
 @flow(name="probe")
 def probe_flow(params: Params) -> dict:
     """The probing classifiers of every model (``metrics/probe_<model>.json``); the artifact has the
-    held-out accuracies per construction, as ``agreelens probe`` prints them."""
+    held-out accuracies per construction (as fractions; ``agreelens probe`` prints the same as %)."""
     from agreelens.probe import verb_decoding
 
     out = {name: probe_task(params, name) for name in params.model_names}

@@ -5,19 +5,15 @@ against a real Prefect server: the merged Dask results equal the serial ones on 
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
-import torch
 import yaml
 
 from agreelens.ablation import merge_sweep, resolve_chunk, sweep, sweep_chunks, sweep_part
-from agreelens.config import ModelConfig
-from agreelens.model import RNNModel, save_model
+from agreelens.model import save_model
 from agreelens.stimuli import StimuliConfig, generate, write
-from agreelens.vocab import Vocab
+from tests.models import H, random_lstm, stimuli_vocab
 
-H = 8
 CHUNK = 3  # 8 units per layer: passes of 3, 3, 2 units in each layer
 
 
@@ -33,32 +29,12 @@ def stim_cfg():
 
 @pytest.fixture(scope="module")
 def vocab(stim_cfg):
-    words = {"the", "and"}
-    for pool in ("nouns", "verbs", "location_nouns"):
-        for sg, pl in getattr(stim_cfg, pool):
-            words.update((sg, pl))
-    for pool in ("adverbs", "manner_adverbs", "prepositions", "names"):
-        words.update(getattr(stim_cfg, pool))
-    words = sorted(words)
-    random.Random(0).shuffle(words)
-    return Vocab(["<eos>", "<unk>", *words])
+    return stimuli_vocab(stim_cfg, shuffle=True)
 
 
 @pytest.fixture(scope="module")
 def pairs(stim_cfg, vocab):
     return generate(stim_cfg, vocab)[0]
-
-
-def random_model(vocab, seed):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(emb_size=H, hidden_size=H, layers=2, dropout=0.0, softmax="adaptive", cutoffs=[20, 60],
-                      div_value=2.0)
-    model = RNNModel(len(vocab), cfg).eval()
-    with torch.no_grad():
-        for p in model.rnn.parameters():
-            p.uniform_(-0.8, 0.8)
-        model.encoder.weight.uniform_(-1, 1)
-    return model
 
 
 def _same(a: dict, b: dict) -> None:
@@ -73,15 +49,15 @@ def test_sweep_chunks_never_span_layers():
     assert sweep_chunks(H, 2, 32) == [list(range(1, 9)), list(range(9, 17))]
 
 
-def test_chunk_zero_means_32_on_cpu_and_a_whole_layer_on_cuda():
+def test_chunk_zero_means_32_on_cpu_and_a_layer_up_to_256_on_cuda():
     assert resolve_chunk(5, 650, "cuda") == 5  # an explicit chunk is kept
     assert resolve_chunk(0, 650, "cpu") == 32
-    assert resolve_chunk(0, 650, "cuda") == 650
-    assert sweep_chunks(650, 2, resolve_chunk(0, 650, "cuda")) == [list(range(1, 651)), list(range(651, 1301))]
+    assert resolve_chunk(0, 650, "cuda") == 256 and resolve_chunk(0, 200, "cuda") == 200
+    assert sweep_chunks(200, 2, resolve_chunk(0, 200, "cuda")) == [list(range(1, 201)), list(range(201, 401))]
 
 
 def test_parts_in_any_order_merge_to_the_serial_sweep(vocab, pairs):
-    model = random_model(vocab, 1)
+    model = random_lstm(vocab, "adaptive", seed=1)
     serial = sweep(model, vocab, pairs, chunk=CHUNK, progress=False)
     chunks = sweep_chunks(H, 2, CHUNK)
     parts = [sweep_part(model, vocab, pairs, chunks[4:], full=False),
@@ -102,7 +78,7 @@ def test_parts_in_any_order_merge_to_the_serial_sweep(vocab, pairs):
 def dask_project(tmp_path, monkeypatch, vocab, pairs):
     """Two tiny models (small, large), their stimuli and params.yaml asking for a 2-worker LocalCluster."""
     for seed, name in enumerate(("small", "large")):
-        save_model(random_model(vocab, seed + 1), vocab, tmp_path / "models" / name)
+        save_model(random_lstm(vocab, "adaptive", seed=seed + 1), vocab, tmp_path / "models" / name)
     write(pairs, tmp_path / "stimuli")
     raw = {"train": {"threads": 1}, "evaluate": {"batch_size": 8},
            "scale": {"dask": "local", "workers": 2, "threads_per_worker": 1, "processes": False,
@@ -134,7 +110,7 @@ def test_dask_sweep_and_benchmark_equal_serial(dask_project, prefect_api, vocab,
     params = load_params("params.yaml")
     parts = sweep_parts(params, "small")
     assert [sum(len(c) for c in p) for p in parts] == [3, 5, 3, 5]  # 6 passes of 3/3/2 units in 4 tasks
-    serial = {name: sweep(random_model(vocab, seed + 1), vocab, pairs, chunk=CHUNK, progress=False)
+    serial = {name: sweep(random_lstm(vocab, "adaptive", seed=seed + 1), vocab, pairs, chunk=CHUNK, progress=False)
               for seed, name in enumerate(("small", "large"))}
     serial_na = {name: evaluate_na(params, name, out=dask_project / f"serial_na_{name}.json")
                  for name in ("small", "large")}

@@ -17,11 +17,11 @@ from agreelens.distributed import World
 from tests.conftest import free_port, run_cli
 
 
-def _setup(project, **train):
+def _setup(project, dropout=0.0, **train):
     raw = yaml.safe_load((project / "params.yaml").read_text())
     raw["profile"] = "tiny"
     tiny = raw["profiles"]["tiny"]
-    tiny["model"]["dropout"] = 0.0  # no random masks: both runs must compute the same updates
+    tiny["model"]["dropout"] = dropout
     tiny["train"].update({"amp": False, "na_stimuli": "", **train})
     tiny["augment"] = {"enabled": False}
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
@@ -59,12 +59,15 @@ def _curve(root, model="small"):
 
 
 def test_two_gloo_processes_train_the_same_model_as_one(project, tmp_path_factory):
-    _setup(project, max_steps=12, evals_per_epoch=40, checkpoint_every=100)
+    # no dropout: both runs must compute the same updates; plain SGD without effective clipping, so that
+    # a gradient summed over the ranks, or one rank's alone, would give other weights (Adam would hide it)
+    _setup(project, max_steps=12, evals_per_epoch=40, checkpoint_every=100, optimizer="sgd", lr=2.0, clip=1e6,
+           warmup_steps=0)
     ddp = _clone(project, tmp_path_factory, "ddp")
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}", "OMP_NUM_THREADS": "1"}
 
     run_cli(["train", "--model", "small"], cwd=project, env=env)
-    out = _torchrun(["train", "--model", "small"], cwd=ddp, env=env)
+    out = run_cli(["train", "--model", "small", "--nproc", "2"], cwd=ddp, env=env)  # relaunches under torchrun
     assert out.stdout.count("best valid PPL") == 1  # rank 0 reports; rank 1 stays quiet
 
     one, two = _weights(project), _weights(ddp)
@@ -83,7 +86,9 @@ def test_two_gloo_processes_train_the_same_model_as_one(project, tmp_path_factor
 
 
 def test_ddp_resumes_after_kill_9_like_an_uninterrupted_ddp_run(project, tmp_path_factory):
-    _setup(project, max_steps=12, evals_per_epoch=40, checkpoint_every=4)
+    # dropout: each rank's own RNG stream must come back; one evaluation (at the end), so the checkpoints
+    # carry a loss window summed over the ranks
+    _setup(project, dropout=0.3, max_steps=12, evals_per_epoch=1, checkpoint_every=4)
     clean = _clone(project, tmp_path_factory, "clean")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
 
@@ -93,13 +98,15 @@ def test_ddp_resumes_after_kill_9_like_an_uninterrupted_ddp_run(project, tmp_pat
     assert crashed.returncode != 0
     ckpt = torch.load(project / "checkpoints" / "small" / "last.pt", weights_only=True)
     assert ckpt["state"]["step"] == 4 and len(ckpt["rng"]["ranks"]) == 2
+    assert not torch.equal(ckpt["rng"]["ranks"][0]["torch"], ckpt["rng"]["ranks"][1]["torch"])
     assert ckpt["hidden"][0].shape[1] == 16  # both ranks' columns: the whole batch
+    assert ckpt["state"]["window_tokens"] == 4 * 16 * 20  # 4 steps x the whole batch x bptt, not one rank's
     resumed = _torchrun(["train", "--model", "small"], cwd=project, env=env)
     assert "resuming" in resumed.stdout + resumed.stderr
 
     a, b = _weights(clean), _weights(project)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _curve(clean) == _curve(project)
+    assert _curve(clean) == _curve(project) and len(_curve(project)) == 1
 
 
 def test_world_without_torchrun_is_one_process(monkeypatch):
