@@ -1,3 +1,4 @@
+import contextlib
 import os
 import shutil
 import subprocess
@@ -102,6 +103,52 @@ def stop_group(pid: int, timeout: float = 20, proc=None) -> None:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+@contextlib.contextmanager
+def serve_agreelens(project: Path, model: str, api_key: str | None = None, timeout: float = 180):
+    """``bentoml serve services.service:AgreeLens`` on a free loopback port for the project folder
+    ``project`` (AGREELENS_PROJECT; BENTOML_HOME and serve.log in it) serving ``model``, with the API key
+    ``api_key`` (None: no key); no AGREELENS_PROFILE or MLFLOW_TRACKING_URI of this environment. Yields
+    ``{"url", "log", "project"}`` once /readyz and a first /check answer 200; stops the process group."""
+    import time
+
+    import httpx
+
+    env = {**os.environ, "AGREELENS_PROJECT": str(project), "AGREELENS_SERVICE_MODEL": model,
+           "BENTOML_HOME": str(project / ".bentoml"), "BENTOML_DO_NOT_TRACK": "true", "DO_NOT_TRACK": "true",
+           "OMP_NUM_THREADS": "1"}
+    for var in ("AGREELENS_PROFILE", "MLFLOW_TRACKING_URI", "AGREELENS_API_KEY"):
+        env.pop(var, None)
+    if api_key is not None:
+        env["AGREELENS_API_KEY"] = api_key
+    headers = {"X-API-Key": api_key} if api_key is not None else {}
+    port = free_port()
+    log_path = project / "serve.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "services.service:AgreeLens",
+                                 "--host", "127.0.0.1", "--port", str(port)],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    r = httpx.post(url + "/check", json={"text": "The boy likes it."}, headers=headers, timeout=30)
+                    if r.status_code == 200:
+                        break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"bentoml serve not ready after {timeout:.0f} s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield {"url": url, "log": log_path, "project": project}
+    finally:
+        stop_group(proc.pid, timeout=30, proc=proc)  # the process group we started: bentoml and its workers
+        proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="session")

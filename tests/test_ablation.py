@@ -3,9 +3,7 @@ one pass equal one at a time, a planted number unit is found by the sweep, Table
 
 from __future__ import annotations
 
-import copy
 import json
-import random
 
 import pytest
 import torch
@@ -15,12 +13,11 @@ from agreelens.config import ModelConfig
 from agreelens.model import RNNModel, save_model
 from agreelens.scoring import pair_margins
 from agreelens.stimuli import StimuliConfig, generate, write
-from agreelens.trace import unit_mask, unit_to_layer_index
-from agreelens.vocab import Vocab
+from agreelens.trace import unit_mask
 from tests.conftest import run_cli
+from tests.models import H, planted_model, random_lstm, stimuli_vocab, zero_outgoing
 
 N = 6  # pairs per condition
-H = 8
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -35,15 +32,7 @@ def stim_cfg():
 
 @pytest.fixture(scope="module")
 def vocab(stim_cfg):
-    words = {"the", "and"}
-    for pool in ("nouns", "verbs", "location_nouns"):
-        for sg, pl in getattr(stim_cfg, pool):
-            words.update((sg, pl))
-    for pool in ("adverbs", "manner_adverbs", "prepositions", "names"):
-        words.update(getattr(stim_cfg, pool))
-    words = sorted(words)
-    random.Random(0).shuffle(words)  # verb forms land in the head and both tail clusters, mixed
-    return Vocab(["<eos>", "<unk>", *words])
+    return stimuli_vocab(stim_cfg, shuffle=True)  # verb forms in the head and both tail clusters, mixed
 
 
 @pytest.fixture(scope="module")
@@ -51,38 +40,9 @@ def pairs(stim_cfg, vocab):
     return generate(stim_cfg, vocab)[0]
 
 
-def random_model(vocab, softmax, seed=0):
-    torch.manual_seed(seed)
-    cfg = ModelConfig(emb_size=H, hidden_size=H, layers=2, dropout=0.0, softmax=softmax, cutoffs=[20, 60],
-                      div_value=2.0)
-    model = RNNModel(len(vocab), cfg).eval()
-    with torch.no_grad():
-        for p in model.rnn.parameters():
-            p.uniform_(-0.8, 0.8)
-        model.encoder.weight.uniform_(-1, 1)
-    return model
-
-
-def zero_outgoing(model, units):
-    m = copy.deepcopy(model)
-    with torch.no_grad():
-        for unit in units:
-            layer, j = unit_to_layer_index(unit, H, 2)
-            getattr(m.rnn, f"weight_hh_l{layer - 1}")[:, j] = 0
-            if layer == 1:
-                m.rnn.weight_ih_l1[:, j] = 0
-            elif isinstance(m.decoder, torch.nn.Linear):
-                m.decoder.weight[:, j] = 0
-            else:
-                m.decoder.head.weight[:, j] = 0
-                for tail in m.decoder.tail:
-                    tail[0].weight[:, j] = 0
-    return m
-
-
 @pytest.mark.parametrize("softmax", ["full", "adaptive"])
 def test_margins_equal_scorer_on_zeroed_copies(vocab, pairs, stim_cfg, softmax):
-    model = random_model(vocab, softmax)
+    model = random_lstm(vocab, softmax)
     cluster = lambda w: sum(vocab.stoi[w] >= c for c in (20, 60))  # noqa: E731
     kinds = {cluster(sg) == cluster(pl) for sg, pl in stim_cfg.verbs}
     assert kinds == {True, False}  # same-cluster and cross-cluster verb pairs
@@ -98,7 +58,7 @@ def test_margins_equal_scorer_on_zeroed_copies(vocab, pairs, stim_cfg, softmax):
 
 
 def test_many_ablations_in_one_pass_equal_one_at_a_time(vocab, pairs):
-    model = random_model(vocab, "adaptive", seed=3)
+    model = random_lstm(vocab, "adaptive", seed=3)
     ablations = [[u] for u in range(1, 2 * H + 1)] + [[2, 9, 15]]
     masks = torch.stack([unit_mask(a, H, 2) for a in ablations])
     together, _ = verb_margins(model, vocab, pairs, masks, chunk=len(ablations))
@@ -110,56 +70,11 @@ def test_many_ablations_in_one_pass_equal_one_at_a_time(vocab, pairs):
 
 
 def test_oov_verbs_are_not_scored(vocab, pairs):
-    model = random_model(vocab, "full")
+    model = random_lstm(vocab, "full")
     odd = [*pairs[:3], {**pairs[3], "one_prefix_word_good": "zebras"}]
     margins, scored = verb_margins(model, vocab, odd, torch.ones(2, 2 * H))
     assert scored.tolist() == [True, True, True, False]
     assert torch.isnan(margins[:, 3]).all() and not torch.isnan(margins[:, :3]).any()
-
-
-def planted_model(vocab, cfg, seed=0):
-    """A 2x8 LSTM in which unit 1 (layer 1, index 0) carries the subject's number to the verb.
-
-    Embedding dim 0 is +1 for singular subject nouns and -1 for plural ones, dim 1 is 1 for any subject
-    noun; other words and dims are random. Unit 1 opens its input gate on a subject noun, writes its
-    number into its cell and keeps it (forget gate 1). Layer-2 units 0 and 1 both relay it (either
-    alone is enough), and the decoder reads them: +2 for singular verbs, -2 for plural ones. Every
-    other weight is random noise that does not read number features, the decoder's small (0.01).
-    """
-    g = torch.Generator().manual_seed(seed)
-    model = RNNModel(len(vocab), ModelConfig(emb_size=H, hidden_size=H, layers=2, dropout=0.0, softmax="full"))
-    rnn = model.rnn
-    with torch.no_grad():
-        for p in [*rnn.parameters(), model.encoder.weight]:
-            p.copy_(torch.rand(p.shape, generator=g) - 0.5)
-        model.decoder.weight.copy_((torch.rand(model.decoder.weight.shape, generator=g) - 0.5) * 0.02)
-        model.decoder.bias.zero_()
-        emb = model.encoder.weight
-        emb[:, :2] = 0
-        for sg, pl in cfg.nouns:
-            emb[vocab.stoi[sg], :2] = torch.tensor([1.0, 1.0])
-            emb[vocab.stoi[pl], :2] = torch.tensor([-1.0, 1.0])
-        rows = lambda j: [j, H + j, 2 * H + j, 3 * H + j]  # noqa: E731  gates i, f, g, o of unit j
-        rnn.weight_ih_l0[:, :2] = 0  # noise units do not read the number features
-        for w in (rnn.weight_ih_l0, rnn.weight_hh_l0, rnn.bias_ih_l0, rnn.bias_hh_l0):
-            w[rows(0)] = 0
-        rnn.weight_ih_l0[0, 1] = 20.0  # input gate: open on subject nouns
-        rnn.bias_ih_l0[0] = -10.0
-        rnn.bias_ih_l0[H] = 10.0  # forget gate: keep
-        rnn.weight_ih_l0[2 * H, 0] = 5.0  # candidate: the number
-        rnn.bias_ih_l0[3 * H] = 10.0  # output gate: open
-        for j in (0, 1):  # layer-2 relays
-            for w in (rnn.weight_ih_l1, rnn.weight_hh_l1, rnn.bias_ih_l1, rnn.bias_hh_l1):
-                w[rows(j)] = 0
-            rnn.bias_ih_l1[j] = 10.0
-            rnn.bias_ih_l1[H + j] = -10.0
-            rnn.weight_ih_l1[2 * H + j, 0] = 5.0
-            rnn.bias_ih_l1[3 * H + j] = 10.0
-        rnn.weight_ih_l1[:, 0][[k for k in range(4 * H) if k % H > 1]] = 0  # noise: no number input
-        for sg, pl in cfg.verbs:
-            model.decoder.weight[vocab.stoi[sg], :2] = 2.0
-            model.decoder.weight[vocab.stoi[pl], :2] = -2.0
-    return model.eval()
 
 
 def test_sweep_finds_the_planted_number_unit(vocab, pairs, stim_cfg, tmp_path):

@@ -1,10 +1,9 @@
 """Agreement checker: the site finder on hand-written sentences, verdicts of hand-set LMs (known margins),
 one batched forward, calibration, the explanation's ablation against `agreelens ablate`'s code and against
-weight-zeroed copies, model loading with a fallback, the CLI."""
+weight-zeroed copies, its known answers on a planted number unit, model loading with a fallback, the CLI."""
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -22,6 +21,7 @@ from agreelens.stimuli import StimuliConfig
 from agreelens.trace import trace, unit_to_layer_index
 from agreelens.vocab import Vocab
 from tests.conftest import run_cli
+from tests.models import H, planted_model, random_lstm, stimuli_vocab, zero_outgoing
 from tests.test_scoring import BigramLM
 
 WORDS = """the a boy boys girl girls car cars dog dogs man men near who cats cat is are was were has have does
@@ -197,55 +197,29 @@ def test_calibrate_on_blimp_pairs_and_swapped_sentences(vocab, lexicon):
     test = ["the boy likes the girl .", "the dogs are red .", "where is the car ?", "the men like it ."]
     r = calibrate(model, vocab, lexicon, blimp, test)
     assert r["f1"] == 1.0 and r["precision"] == 1.0 and r["recall"] == 1.0
-    assert -2.0 < r["threshold"] < 2.0
+    assert r["threshold"] == 0.0  # midway between the margins of the errors (-2) and of the correct sites (+2)
     assert r["n"] == 6 + 2 * 3 and r["errors"] == 3 + 3
     assert r["sources"]["blimp"]["covered"] == 3 and r["sources"]["test"]["with_sites"] == 3
-    assert r["scale"] > 0
+    # separable: the likelihood of sigmoid(scale x (threshold - margin)) grows with the scale without bound,
+    # the fit stops at the top of its grid (10^1.5)
+    assert r["scale"] == pytest.approx(10 ** 1.5, abs=1e-4)
+    # an attractor pair the bigram gets wrong both ways (it reads 'cars'): 12 of 14 examples lie on the right
+    # side of the threshold 0, all at distance 2; the likelihood is largest where sigmoid(2 scale) = 12/14,
+    # scale = ln(6) / 2 (the fit's grid is spaced by a factor 10^0.025, 6 %)
+    attractor = {"sentence_good": "The boy near the cars likes it.", "sentence_bad": "The boy near the cars like it.",
+                 "UID": "r3", "pairID": "4"}
+    r = calibrate(model, vocab, lexicon, [*blimp, attractor], test)
+    assert r["threshold"] == 0.0 and r["n"] == 8 + 2 * 3 and r["errors"] == 4 + 3
+    assert r["precision"] == r["recall"] == round(6 / 7, 4) and r["sources"]["blimp"]["f1"] == 0.75
+    assert r["scale"] == pytest.approx(math.log(6) / 2, rel=0.06)
 
 
 # ---------------------------------------------------------------------------------------- explain
 
-H = 8
-
-
 @pytest.fixture(scope="module")
 def na_vocab():
     cfg = StimuliConfig(n_per_condition=4)
-    words = {"the", "and", "."}
-    for pool in ("nouns", "verbs", "location_nouns"):
-        for sg, pl in getattr(cfg, pool):
-            words.update((sg, pl))
-    for pool in ("adverbs", "manner_adverbs", "prepositions", "names"):
-        words.update(getattr(cfg, pool))
-    return Vocab(["<eos>", "<unk>", *sorted(words)]), cfg
-
-
-def random_lstm(vocab, softmax, seed=0):
-    torch.manual_seed(seed)
-    model = RNNModel(len(vocab), ModelConfig(emb_size=H, hidden_size=H, layers=2, dropout=0.0, softmax=softmax,
-                                             cutoffs=[20, 60], div_value=2.0)).eval()
-    with torch.no_grad():
-        for p in model.rnn.parameters():
-            p.uniform_(-0.8, 0.8)
-        model.encoder.weight.uniform_(-1, 1)
-    return model
-
-
-def zero_outgoing(model, units):
-    m = copy.deepcopy(model)
-    with torch.no_grad():
-        for unit in units:
-            layer, j = unit_to_layer_index(unit, H, 2)
-            getattr(m.rnn, f"weight_hh_l{layer - 1}")[:, j] = 0
-            if layer == 1:
-                m.rnn.weight_ih_l1[:, j] = 0
-            elif isinstance(m.decoder, torch.nn.Linear):
-                m.decoder.weight[:, j] = 0
-            else:
-                m.decoder.head.weight[:, j] = 0
-                for tail in m.decoder.tail:
-                    tail[0].weight[:, j] = 0
-    return m
+    return stimuli_vocab(cfg, extra=("the", "and", ".")), cfg
 
 
 @pytest.mark.parametrize("softmax", ["full", "adaptive"])
@@ -291,7 +265,34 @@ def test_explanation_ablation_equals_agreelens_ablate(na_vocab, softmax):
         assert u["f"] == pytest.approx(tr.f[layer - 1, :, 0, j].tolist(), abs=1e-4)
     ro = e["readout"]
     assert ro["state"] == "L2.h" and len(ro["p_plural"]) == len(e["steps"])
-    assert all(0.0 <= p <= 1.0 for p in ro["p_plural"])
+    # P(plural) per step: the fitted logistic readout on the traced layer-2 h of that step (what the readout
+    # learns: test_explain_on_a_planted_number_unit)
+    fit = checker.readout()
+    z = ((tr.h[1, :, 0] - fit["mean"]) / fit["std"]) @ fit["w"] + fit["b"]
+    assert ro["p_plural"] == pytest.approx(torch.sigmoid(z).tolist(), abs=1e-4)
+
+
+def test_explain_on_a_planted_number_unit(na_vocab):
+    """Known answers of tests/models.py's planted model: unit 1 keeps the subject's number (cell +-1 from the
+    subject on, h = tanh(1)), the layer-2 relays 9 and 10 copy it (h = tanh(tanh(5 tanh(1)))) and the
+    decoder reads both, +-2 each on the singular and plural verb forms: margin 8 h."""
+    vocab, cfg = na_vocab
+    verbs = [(base, third) for third, base in cfg.verbs]
+    checker = Checker(planted_model(vocab, cfg), vocab, Lexicon.from_vocab(vocab, verbs), units=[1, 9], stimuli=cfg)
+    margin = 8 * math.tanh(math.tanh(5 * math.tanh(1.0)))  # 6.09; the decoder's noise adds < 0.05
+    for text, word, plural in (("The boy near the cars likes the girl.", "likes", False),
+                               ("The boys near the car like the girl.", "like", True)):
+        e = checker.explain(text)
+        assert (e["site"]["word"], e["site"]["verdict"]) == (word, "ok")
+        assert e["margin"] == pytest.approx(margin, abs=0.05)
+        one, nine, both = e["ablations"]
+        assert (one["units"], nine["units"], both["units"]) == ([1], [9], [1, 9])
+        assert abs(one["margin"]) < 0.05 and abs(both["margin"]) < 0.05  # without unit 1 no number reaches the verb
+        assert nine["margin"] == pytest.approx(margin / 2, abs=0.05)  # one relay of two: half the margin
+        # the readout knows the subject's number from the subject (step 2) to the attractor before the verb
+        ro = e["readout"]
+        assert ro["heldout_accuracy"] == 1.0
+        assert all((p > 0.9) if plural else (p < 0.1) for p in ro["p_plural"][2:6]), ro["p_plural"]
 
 
 def test_explain_rejects_bad_sites(vocab, lexicon):

@@ -6,112 +6,29 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 
-from agreelens.config import ModelConfig
-from agreelens.model import RNNModel, save_model
-from agreelens.stimuli import StimuliConfig
-from agreelens.vocab import Vocab
+from tests.conftest import serve_agreelens
+from tests.models import tiny_service_project
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("bentoml")
 
-ROOT = Path(__file__).resolve().parents[1]
 KEY = "s3cret-key"
-H = 8
 TEXT = "The boy likes the girl. The girls like the dog."
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tiny_project(root: Path) -> None:
-    """params.yaml, models/tiny (hand-set: 'like' beats 'likes' by 4 nats after any prefix),
-    its calibration (threshold 0, lexicon of the NA verbs) and number units 1 and 9."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params.setdefault("service", {})["fallback"] = "tiny"
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    cfg = StimuliConfig()
-    words = {"the", "and", ".", "is", "are", "hello", "there"}
-    for pool in ("nouns", "verbs", "location_nouns"):
-        for sg, pl in getattr(cfg, pool):
-            words.update((sg, pl))
-    for pool in ("adverbs", "manner_adverbs", "prepositions", "names"):
-        words.update(getattr(cfg, pool))
-    vocab = Vocab(["<eos>", "<unk>", *sorted(words)])
-    torch.manual_seed(0)
-    model = RNNModel(len(vocab), ModelConfig(emb_size=H, hidden_size=H, layers=2, dropout=0.0, softmax="full"))
-    with torch.no_grad():
-        model.decoder.weight.zero_()
-        model.decoder.bias.zero_()
-        model.decoder.bias[vocab.stoi["like"]] = 4.0
-    save_model(model, vocab, root / "models" / "tiny", extra={"name": "tiny"})
-    cal = {"threshold": 0.0, "scale": 1.0,
-           "lexicon": {"source": "test", "verbs": [[base, third] for third, base in cfg.verbs]}}
-    (root / "models" / "tiny" / "calibration.json").write_text(json.dumps(cal))
-    (root / "metrics").mkdir()
-    (root / "metrics" / "units_tiny.json").write_text(json.dumps({"number_units": [{"unit": 1}, {"unit": 9}]}))
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     proj = tmp_path_factory.mktemp("service")
-    _tiny_project(proj)
-    port = _free_port()
+    tiny_service_project(proj)
     # the model named by the environment is a registry URI, but the project has no registry: the service
     # says so and serves service.fallback (tiny)
-    env = {**os.environ, "AGREELENS_PROJECT": str(proj), "AGREELENS_SERVICE_MODEL": "models:/agreelens-tiny@champion",
-           "AGREELENS_API_KEY": KEY, "BENTOML_HOME": str(proj / ".bentoml"), "BENTOML_DO_NOT_TRACK": "true",
-           "DO_NOT_TRACK": "true", "OMP_NUM_THREADS": "1"}
-    for var in ("AGREELENS_PROFILE", "MLFLOW_TRACKING_URI"):
-        env.pop(var, None)
-    log_path = proj / "serve.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "services.service:AgreeLens",
-                                 "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    r = httpx.post(url + "/check", json={"text": "The boy likes it."}, headers={"X-API-Key": KEY},
-                                   timeout=30)
-                    if r.status_code == 200:
-                        break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"bentoml serve not ready after 180 s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
-        yield {"url": url, "log": log_path, "project": proj}
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # the process group we started: bentoml and its workers
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=10)
+    with serve_agreelens(proj, "models:/agreelens-tiny@champion", api_key=KEY) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

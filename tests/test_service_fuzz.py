@@ -2,10 +2,11 @@
 operation of ``/docs.json`` gets schema-conforming (positive) and, where it has a body, schema-violating
 (negative) requests; none may be answered with a 5xx. Plus the regression tests of what fuzzing found.
 
-The service runs on a free loopback port with the hand-set tiny model of tests/test_service.py (no API
-key, so the requests reach the handlers). Bounded: ``AGREELENS_FUZZ_EXAMPLES`` examples per operation
-and mode (default 60; about 20-40 s in all with the server's start on 2 cores), derandomized so that CI
-runs the same examples every time; ``AGREELENS_FUZZ_SEED=<int>`` explores other ones.
+The service runs on a free loopback port with the hand-set tiny model of tests/test_service.py
+(tests/models.py), with no API key, so the requests reach the handlers. Bounded:
+``AGREELENS_FUZZ_EXAMPLES`` examples per operation and mode (default 60; about 20-40 s in all with the
+server's start on 2 cores), derandomized so that CI runs the same examples every time;
+``AGREELENS_FUZZ_SEED=<int>`` explores other ones.
 
     pytest -m fuzz                                   # only these
     AGREELENS_FUZZ_EXAMPLES=1000 pytest -m fuzz      # a longer search
@@ -15,11 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
@@ -28,11 +24,11 @@ pytest.importorskip("bentoml")
 schemathesis = pytest.importorskip("schemathesis")
 hypothesis = pytest.importorskip("hypothesis")
 
-from test_service import _free_port, _tiny_project  # noqa: E402  (tests/ is on sys.path under pytest)
+from tests.conftest import serve_agreelens  # noqa: E402
+from tests.models import tiny_service_project  # noqa: E402
 
 pytestmark = pytest.mark.fuzz
 
-ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = int(os.environ.get("AGREELENS_FUZZ_EXAMPLES", "60"))
 SEED = os.environ.get("AGREELENS_FUZZ_SEED")
 POSTS = ["/check", "/check_batch", "/explain", "/score"]
@@ -42,44 +38,9 @@ GETS = ["/healthz", "/livez", "/readyz", "/metrics"]
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     proj = tmp_path_factory.mktemp("fuzz")
-    _tiny_project(proj)
-    port = _free_port()
-    env = {**os.environ, "AGREELENS_PROJECT": str(proj), "AGREELENS_SERVICE_MODEL": "tiny",
-           "BENTOML_HOME": str(proj / ".bentoml"), "BENTOML_DO_NOT_TRACK": "true", "DO_NOT_TRACK": "true",
-           "OMP_NUM_THREADS": "1"}
-    for var in ("AGREELENS_PROFILE", "MLFLOW_TRACKING_URI", "AGREELENS_API_KEY"):
-        env.pop(var, None)
-    log_path = proj / "serve.log"
-    with log_path.open("w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "services.service:AgreeLens",
-                                 "--host", "127.0.0.1", "--port", str(port)],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"bentoml serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    if httpx.post(url + "/check", json={"text": "The boy likes it."}, timeout=30).status_code == 200:
-                        break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"bentoml serve not ready after 180 s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
-        yield {"url": url, "log": log_path}
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # the process group we started: bentoml and its worker
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(timeout=10)
+    tiny_service_project(proj)
+    with serve_agreelens(proj, "tiny") as srv:  # no API key
+        yield srv
 
 
 @pytest.fixture(scope="module")
