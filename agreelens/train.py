@@ -209,7 +209,7 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
     hidden, best_state = None, None
 
     if paths.checkpoint.is_file():
-        ckpt = torch.load(paths.checkpoint, map_location=device, weights_only=True)
+        ckpt = torch.load(paths.checkpoint, map_location="cpu", weights_only=True)  # load_state_dict moves to the device
         if ckpt.get("fingerprint") == fingerprint:
             model.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
