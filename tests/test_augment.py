@@ -43,6 +43,20 @@ def mlm():
     return load_mlm()
 
 
+def test_new_mlm_head_is_seeded(mlm):
+    """The head is new; its initial weights come from the seed, so fine-tuning and augmentation repeat."""
+    from agreelens.augment import load_mlm
+
+    head = "cls.predictions.transform.dense.weight"
+    a, b, c = (load_mlm(seed=s)[0].state_dict()[head] for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.manual_seed(0)
+    x = torch.rand(3)
+    torch.manual_seed(0)
+    load_mlm(seed=5)
+    assert torch.equal(torch.rand(3), x)  # the global RNG is left where it was
+
+
 SOURCES = ["the boy likes the big red house", "the dogs are in the park near the city",
            "she walks to school every day", "we can see the sea from here", "he reads a book at night"]
 
