@@ -81,6 +81,10 @@ class TrainConfig(_Section):
     amp: bool = True  # bf16 mixed precision where the hardware does it natively (CUDA, AVX512-BF16 CPUs)
     shuffle: bool = True  # reshuffle sentence order every epoch
     na_stimuli: str = "stimuli"  # score these NA pairs at every validation ("" = off): agreement curve
+    # token-level agreement margin loss (Noji & Takamura 2020; agreelens/negatives.py): weight, 0 = plain LM
+    agreement_loss: float = Field(0.0, ge=0)
+    agreement_margin: float = Field(5.0, gt=0)  # nats by which an observed verb must beat its number swap
+    agreement_holdout_stimuli: bool = False  # leave the NA-task verbs out of the loss (a generalisation control)
 
 
 class EvaluateConfig(_Section):

@@ -125,8 +125,9 @@ class RNNModel(nn.Module):
                 out[rows] = ((lin.weight[g] - lin.weight[b_]) * z).sum(-1)
                 rest &= ~rows
         if rest.any():
-            lp = self.target_log_probs(features[rest].unsqueeze(1).expand(-1, 2, -1),
-                                       torch.stack([good[rest], bad[rest]], 1))
+            with torch.autocast(features.device.type, enabled=False):  # fp32 rows into an fp32 output
+                lp = self.target_log_probs(features[rest].unsqueeze(1).expand(-1, 2, -1),
+                                           torch.stack([good[rest], bad[rest]], 1))
             out[rest] = lp[:, 0] - lp[:, 1]
         return out
 

@@ -55,14 +55,19 @@ def _augmentation(names: list[str], metrics: Path, reports: Path) -> list[str]:
             *_safety(reports)]
 
 
-def _safety(reports: Path) -> list[str]:
-    """The on/off study of ``bench/augment_safety.py``, when it has been run."""
-    md = reports / "augment_safety" / "augment_safety.md"
+def _study(reports: Path, name: str, title: str, note: str) -> list[str]:
+    """A study a bench script writes to ``reports/<name>/<name>.{md,png}``, when it has been run."""
+    md = reports / name / f"{name}.md"
     if not md.is_file():
         return []
-    return ["### Augmentation and agreement-safe masking, on vs off", "",
-            "`python bench/augment_safety.py` (not part of `dvc repro`: it trains two more models):", "",
-            md.read_text().strip(), "", "![augment safety](augment_safety/augment_safety.png)", ""]
+    return [f"### {title}", "", f"`python bench/{name}.py` (not part of `dvc repro`: {note}):", "",
+            md.read_text().strip(), "", f"![{name}]({name}/{name}.png)", ""]
+
+
+def _safety(reports: Path) -> list[str]:
+    """The on/off study of ``bench/augment_safety.py``."""
+    return _study(reports, "augment_safety", "Augmentation and agreement-safe masking, on vs off",
+                  "it trains two more models")
 
 
 def build(names: list[str], metrics: str | Path = "metrics", out: str | Path = "reports/report.md") -> Path:
@@ -73,6 +78,8 @@ def build(names: list[str], metrics: str | Path = "metrics", out: str | Path = "
              "in `params.yaml`.", ""]
     t6 = table6(names, metrics, out=None)
     parts += ["## Table 6: perplexity and NA accuracy", "", t6.split("\n\n", 2)[2].strip(), ""]
+    parts += _study(out.parent, "agreement_margin", "The agreement margin loss, on vs off, NA verbs held out",
+                    "it trains two or three more models")
     parts += _augmentation(names, metrics, out.parent)
 
     parts += ["## Number units (ablation sweep)", "",

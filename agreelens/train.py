@@ -24,6 +24,7 @@ from agreelens.config import Params
 from agreelens.corpus import read_split
 from agreelens.distributed import World, wrap
 from agreelens.model import RNNModel, save_model
+from agreelens.negatives import find_verb_pairs, margin_loss, swap_table
 from agreelens.plots import plot_learning_curves
 from agreelens.vocab import Vocab
 
@@ -146,13 +147,19 @@ class _Step(torch.nn.Module):
     """One training forward: features and loss in one call, so that DDP sees every parameter used
     (the decoder's too) in the graph of its output."""
 
-    def __init__(self, model: RNNModel):
+    def __init__(self, model: RNNModel, swap: torch.Tensor | None = None, weight: float = 0.0, delta: float = 0.0):
         super().__init__()
         self.model = model
+        self.weight, self.delta = weight, delta
+        self.register_buffer("swap", swap if swap is not None else torch.empty(0, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor, hidden, y: torch.Tensor):
+        """-> (loss to minimise, the LM loss alone, hidden)"""
         features, hidden = self.model(x, hidden)
-        return self.model.loss(features, y), hidden
+        lm = self.model.loss(features, y)
+        if not self.weight:
+            return lm, lm, hidden
+        return lm + self.weight * margin_loss(self.model, features, y, self.swap, self.delta), lm, hidden
 
 
 def _seed_all(seed: int) -> None:
@@ -199,7 +206,9 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
     model = RNNModel(len(vocab), params.model).to(device)
     if world.distributed:  # same initial weights everywhere; dropout masks of their own
         torch.manual_seed(t.seed + 7919 * world.rank)
-    step_fn = wrap(_Step(model), world, unused=params.model.softmax == "adaptive")
+    swap, n_pairs = _agreement_swap(params, vocab, paths, quiet)
+    step_fn = wrap(_Step(model, swap, t.agreement_loss, t.agreement_margin).to(device), world,
+                   unused=params.model.softmax == "adaptive")
     opt = _make_optimizer(model, params)
     sched = _make_scheduler(opt, params, total_steps)
     fingerprint = _fingerprint(params, paths, name)
@@ -272,7 +281,7 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
                 y = data[i * t.bptt + 1 : (i + 1) * t.bptt + 1].to(device, non_blocking=True)
                 hidden = tuple(h.detach() for h in hidden)
                 with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                    loss, hidden = step_fn(x, hidden, y)
+                    loss, lm_loss, hidden = step_fn(x, hidden, y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
@@ -281,7 +290,7 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
                     sched.step()
                 st["step"] += 1
                 st["epoch_step"] = i + 1
-                st["window_loss"] += loss.item() * y.numel()
+                st["window_loss"] += lm_loss.item() * y.numel()
                 st["window_tokens"] += y.numel()
                 now = time.perf_counter()
                 st["seconds"] += now - t0
@@ -349,6 +358,8 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
                    "stopped_early": st["stopped_early"], "device": device.type, "profile": params.profile}
         if world.distributed:
             summary["processes"] = world.size
+        if n_pairs:
+            summary["agreement_pairs"] = n_pairs
         if not world.main:
             return summary
         save_model(model.cpu(), vocab, paths.model_dir, extra={"name": name, "train": summary})
@@ -361,6 +372,22 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
         run.log_artifact(figure)
     paths.checkpoint.unlink(missing_ok=True)
     return summary
+
+
+def _agreement_swap(params: Params, vocab: Vocab, paths: "Paths", quiet: bool) -> tuple[torch.Tensor | None, int]:
+    """The number-swap table of the agreement margin loss (None when ``train.agreement_loss`` is 0)."""
+    t = params.train
+    if not t.agreement_loss:
+        return None, 0
+    pairs = find_verb_pairs(read_split(paths.train_text), vocab)
+    exclude = [w for pair in params.stimuli.verbs for w in pair] if t.agreement_holdout_stimuli else []
+    table = swap_table(pairs, vocab, exclude)
+    n = int((table >= 0).sum()) // 2
+    if not quiet:
+        kept = [f"{s}/{p}" for s, p in pairs if table[vocab.index(s)] >= 0]
+        print(f"[train] agreement margin loss on {n} verb pairs"
+              f"{' (NA-task verbs held out)' if exclude else ''}: {', '.join(kept[:12])}, ...")
+    return table, n
 
 
 def _na_pairs(folder: str) -> list[dict]:

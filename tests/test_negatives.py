@@ -1,0 +1,109 @@
+"""The agreement margin loss (agreelens/negatives.py): verb pairs found without a tagger, the swap
+table, the hinge's known values on hand-set logits and on an adaptive softmax, and its effect in training."""
+
+import pytest
+import torch
+import yaml
+
+from agreelens.config import ModelConfig, load_params
+from agreelens.corpus import read_split
+from agreelens.model import RNNModel, load_model
+from agreelens.negatives import IRREGULAR, find_verb_pairs, margin_loss, swap_table
+from agreelens.stimuli import StimuliConfig
+from agreelens.train import train
+from agreelens.vocab import Vocab
+from tests.models import random_lstm, stimuli_vocab
+from tests.test_train import _tiny
+
+
+def _corpus():
+    lines = (["he knows it", "she knows him", "they know it", "we know", "to know it", "i know"] * 3
+             + ["the cars are red", "a cars", "he is here", "they are here"] * 5
+             + ["he works here", "they work here", "to work", "the works", "his works", "the works"] * 3  # a noun too
+             + ["he sometimes goes", "they sometime go", "to go"] * 6)  # no "to sometime": not a verb
+    words = {w for line in lines for w in line.split()}
+    return lines, Vocab(["<eos>", "<unk>", *sorted(words)])
+
+
+def test_verb_pairs_are_found_from_their_contexts():
+    lines, vocab = _corpus()
+    pairs = find_verb_pairs(lines, vocab, min_count=3)
+    assert pairs[0] == ("is", "are")  # irregular pairs come first, only those in the vocabulary
+    assert ("knows", "know") in pairs
+    assert ("goes", "go") not in pairs  # "he goes" seen 6 times but "they go" never: not enough evidence
+    assert ("cars", "car") not in pairs and ("works", "work") not in pairs and ("sometimes", "sometime") not in pairs
+    assert set(pairs) <= {*IRREGULAR, ("knows", "know")}
+
+
+def test_swap_table_is_symmetric_and_honours_exclusions():
+    _, vocab = _corpus()
+    table = swap_table([("is", "are"), ("knows", "know"), ("missing", "miss")], vocab, exclude=["know"])
+    assert table[vocab.index("is")] == vocab.index("are") and table[vocab.index("are")] == vocab.index("is")
+    assert table[vocab.index("knows")] == -1 and table[vocab.index("know")] == -1  # held out, both forms
+    assert int((table >= 0).sum()) == 2  # words not in the vocabulary are skipped
+
+
+def test_margin_loss_is_the_hinge_on_hand_set_logits():
+    vocab = Vocab(["<eos>", "<unk>", "is", "are", "the"])
+    cfg = ModelConfig(emb_size=4, hidden_size=4, layers=1, dropout=0.0, softmax="full")
+    model = RNNModel(len(vocab), cfg)
+    with torch.no_grad():
+        model.decoder.weight.zero_()
+        model.decoder.bias.zero_()
+        model.decoder.weight[vocab.index("is"), 0] = 1.0  # logit(is) = feature 0, logit(are) = 0
+    swap = swap_table([("is", "are")], vocab)
+    features = torch.tensor([[[2.0, 0, 0, 0]], [[7.0, 0, 0, 0]], [[9.0, 0, 0, 0]]])  # (T=3, B=1, H)
+    targets = torch.tensor([[vocab.index("is")], [vocab.index("is")], [vocab.index("the")]])
+    # margins 2 and 7 at the two "is" targets; "the" has no swap. delta 5: hinge 3 + 0, over 3 targets
+    assert margin_loss(model, features, targets, swap, delta=5.0).item() == 1.0
+    targets[0, 0] = vocab.index("are")  # margin log P(are) - log P(is) = -2: hinge 7
+    assert margin_loss(model, features, targets, swap, delta=5.0).item() == pytest.approx(7.0 / 3)
+    none = torch.full_like(targets, vocab.index("the"))
+    assert margin_loss(model, features, none, swap, delta=5.0).item() == 0.0
+
+
+def test_margin_loss_matches_full_log_probs_on_an_adaptive_softmax():
+    cfg = StimuliConfig()
+    vocab = stimuli_vocab(cfg, shuffle=True)  # verb forms in the head and in both tail clusters, mixed
+    model = random_lstm(vocab)
+    swap = swap_table([tuple(v) for v in cfg.verbs], vocab)
+    torch.manual_seed(0)
+    targets = torch.randint(2, len(vocab), (6, 5))
+    features = torch.randn(6, 5, model.cfg.hidden_size)
+    logp = model.log_probs(features)
+    mask = swap[targets] >= 0
+    expected = torch.relu(3.0 - (logp.gather(-1, targets[..., None])[..., 0]
+                                 - logp.gather(-1, swap[targets].clamp(min=0)[..., None])[..., 0]))[mask].sum() / 30
+    assert mask.any()
+    got = margin_loss(model, features, targets, swap, delta=3.0)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # training's CPU mixed precision: runs, close
+        torch.testing.assert_close(margin_loss(model, features, targets, swap, delta=3.0).float(), expected,
+                                   rtol=0.05, atol=0.05)
+
+
+def _mean_verb_margin(project, vocab_pairs) -> float:
+    model, vocab = load_model(project / "models" / "large")
+    swap = swap_table(vocab_pairs, vocab)
+    ids = vocab.encode_lines(read_split(project / "prepared" / "valid.txt"))
+    x, y = ids[:-1, None], ids[1:, None]
+    with torch.no_grad():
+        features, _ = model(x)
+        other = swap[y]
+        mask = other >= 0
+        return model.target_margin(features[mask], y[mask], other[mask]).mean().item()
+
+
+def test_training_with_the_margin_loss_widens_held_out_verb_margins(project):
+    params = _tiny(project, max_steps=40, lr=0.01, agreement_loss=0.0)
+    pairs = find_verb_pairs(read_split(project / "augmented" / "train_large.txt"),
+                            Vocab.load(project / "prepared" / "vocab.txt"))  # the pairs training uses
+    plain = train(params, "large", quiet=True)
+    before = _mean_verb_margin(project, pairs)
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["profiles"]["tiny"]["train"].update(agreement_loss=10.0, agreement_margin=5.0)
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    summary = train(load_params(project / "params.yaml"), "large", quiet=True)
+    after = _mean_verb_margin(project, pairs)
+    assert summary["agreement_pairs"] >= 4 and "agreement_pairs" not in plain
+    assert after > before + 0.5, (before, after)  # the observed verb forms of unseen text gain on their swaps
