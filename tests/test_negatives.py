@@ -8,7 +8,7 @@ import yaml
 from agreelens.config import ModelConfig, load_params
 from agreelens.corpus import read_split
 from agreelens.model import RNNModel, load_model
-from agreelens.negatives import IRREGULAR, find_verb_pairs, margin_loss, swap_table
+from agreelens.negatives import find_verb_pairs, margin_loss, swap_table
 from agreelens.stimuli import StimuliConfig
 from agreelens.train import train
 from agreelens.vocab import Vocab
@@ -19,8 +19,9 @@ from tests.test_train import _tiny
 def _corpus():
     lines = (["he knows it", "she knows him", "they know it", "we know", "to know it", "i know"] * 3
              + ["the cars are red", "a cars", "he is here", "they are here"] * 5
-             + ["he works here", "they work here", "to work", "the works", "his works", "the works"] * 3  # a noun too
-             + ["he sometimes goes", "they sometime go", "to go"] * 6)  # no "to sometime": not a verb
+             + ["he often goes", "to go"] * 3  # an adverb may stand between pronoun and verb
+             + ["he sometimes sings", "they sometime sing"] * 3  # "sometimes" is closed-class, not a verb
+             + ["he likes it", "they like it"] * 2)  # seen twice: under min_count
     words = {w for line in lines for w in line.split()}
     return lines, Vocab(["<eos>", "<unk>", *sorted(words)])
 
@@ -28,11 +29,9 @@ def _corpus():
 def test_verb_pairs_are_found_from_their_contexts():
     lines, vocab = _corpus()
     pairs = find_verb_pairs(lines, vocab, min_count=3)
-    assert pairs[0] == ("is", "are")  # irregular pairs come first, only those in the vocabulary
-    assert ("knows", "know") in pairs
-    assert ("goes", "go") not in pairs  # "he goes" seen 6 times but "they go" never: not enough evidence
-    assert ("cars", "car") not in pairs and ("works", "work") not in pairs and ("sometimes", "sometime") not in pairs
-    assert set(pairs) <= {*IRREGULAR, ("knows", "know")}
+    assert pairs[0] == ("is", "are")  # auxiliaries come first, only those in the vocabulary
+    assert set(pairs) == {("is", "are"), ("knows", "know"), ("goes", "go")}, pairs
+    assert ("likes", "like") in find_verb_pairs(lines, vocab, min_count=2)
 
 
 def test_swap_table_is_symmetric_and_honours_exclusions():
