@@ -11,8 +11,10 @@ def read_curve(path: Path) -> list[dict]:
         return [{k: float(v) if v else float("nan") for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def plot_learning_curves(names: list[str], figure: str | Path, folder: str | Path = "plots") -> Path:
-    """Validation/training perplexity against tokens and time, and NA accuracy when it was logged."""
+def plot_learning_curves(names: list[str], figure: str | Path, folder: str | Path = "plots",
+                         curves: dict[str, Path] | None = None) -> Path:
+    """Validation/training perplexity against tokens and time, and NA accuracy when it was logged.
+    Each name's curve is ``folder/learning_<name>.csv``, or ``curves[name]`` where given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,7 +22,7 @@ def plot_learning_curves(names: list[str], figure: str | Path, folder: str | Pat
 
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     for name in names:
-        path = Path(folder) / f"learning_{name}.csv"
+        path = Path((curves or {}).get(name) or Path(folder) / f"learning_{name}.csv")
         if not path.is_file():
             continue
         rows = read_curve(path)

@@ -5,6 +5,7 @@ data-parallel under ``torchrun`` (:mod:`agreelens.distributed`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -100,11 +101,15 @@ class Paths:
 
 
 def _fingerprint(params: Params, paths: Paths, name: str) -> str:
-    """Identity of a run: a checkpoint from other settings or data is never resumed."""
+    """Identity of a run: a checkpoint from other settings, data or training code is never resumed."""
     t = params.train.model_dump(exclude={"checkpoint_every", "threads"})
     files = [paths.train_text, paths.prepared / "valid.txt", paths.prepared / "vocab.txt"]
     stamp = [(f.name, f.stat().st_size, tracking.params_hash(f.read_bytes()[:1 << 20])) for f in files]
-    return tracking.params_hash({"model": params.model.model_dump(), "train": t, "files": stamp})
+    from agreelens import lexicon, model, negatives  # the code that defines the run
+
+    sources = (lexicon.__file__, model.__file__, negatives.__file__, __file__)
+    code = hashlib.sha1(b"".join(Path(f).read_bytes() for f in sources)).hexdigest()[:12]
+    return tracking.params_hash({"model": params.model.model_dump(), "train": t, "files": stamp, "code": code})
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -364,7 +369,7 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
             return summary
         save_model(model.cpu(), vocab, paths.model_dir, extra={"name": name, "train": summary})
         write_curve(paths.curve, st["history"])
-        figure = plot_learning_curves([name], paths.curve.with_suffix(".png"), folder=paths.curve.parent)
+        figure = plot_learning_curves([name], paths.curve.with_suffix(".png"), curves={name: paths.curve})
         paths.metrics.parent.mkdir(parents=True, exist_ok=True)
         paths.metrics.write_text(json.dumps(summary, indent=2) + "\n")
         run.log_metrics({"best_valid_ppl": summary["best_valid_ppl"], "tokens_per_second": summary["tokens_per_second"]})

@@ -57,7 +57,7 @@ def _row(summary: dict, na: dict, curve: Path) -> dict:
     rows = list(csv.DictReader(curve.open())) if curve.is_file() else []
     return {"best_valid_ppl": summary["best_valid_ppl"], "train_seconds": summary.get("train_seconds"),
             "agreement_pairs": summary.get("agreement_pairs", 0), "accuracy": na["accuracy"],
-            "constructions": na["constructions"], "groups": {k: g["accuracy"] for k, g in na["groups"].items()},
+            "constructions": {k: c["accuracy"] for k, c in na["constructions"].items()}, "groups": {k: g["accuracy"] for k, g in na["groups"].items()},
             "blimp": na.get("blimp", {}).get("accuracy"),
             "curve": [{"epoch": float(r["epoch"]), "na": float(r["na_accuracy"]), "nounpp": float(r["na_nounpp"])}
                       for r in rows if r.get("na_accuracy")]}
@@ -128,8 +128,9 @@ def _write(results: dict, name: str, weight: float, delta: float, out: Path) -> 
     ax.set_xticks([j + width * (len(results) - 1) / 2 for j in range(len(cons))], cons, fontsize=8)
     for a in (ax, cx):
         a.axhline(50, color="grey", lw=0.8, ls=":")
-        a.set_ylim(0, 100)
-        a.legend(fontsize=8)
+        a.set_ylim(0, 118)  # room above the bars for the legend
+        a.set_yticks(range(0, 101, 20))
+        a.legend(fontsize=8, loc="upper center", ncol=3)
     ax.set_ylabel("NA accuracy (%)")
     ax.set_title(f"{name}: agreement margin loss on/off, NA verbs held out")
     cx.set_xlabel("epoch")
