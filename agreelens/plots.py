@@ -38,9 +38,12 @@ def plot_learning_curves(names: list[str], figure: str | Path, folder: str | Pat
     ax[1].set(xlabel="training time (min)", ylabel="valid perplexity", yscale="log", title="Validation PPL vs time")
     ax[2].axhline(50, color="grey", lw=0.8)
     ax[2].set(xlabel="epoch", ylabel="NA accuracy (%)", ylim=(0, 100), title="Number agreement while training")
+    if not ax[2].get_legend_handles_labels()[0]:
+        ax[2].text(0.5, 0.5, "no NA accuracy in these curves", ha="center", va="center", transform=ax[2].transAxes)
     for a in ax:
         a.grid(alpha=0.3)
-        a.legend()
+        if a.get_legend_handles_labels()[0]:
+            a.legend()
     fig.tight_layout()
     figure = Path(figure)
     figure.parent.mkdir(parents=True, exist_ok=True)

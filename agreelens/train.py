@@ -89,6 +89,13 @@ class Paths:
     curve: Path
 
     @classmethod
+    def scratch(cls, params: Params, train_text: str | Path, work: str | Path) -> "Paths":
+        """A model trained outside the pipeline (studies, benchmarks): everything it writes under ``work``."""
+        work = Path(work)
+        return cls(prepared=Path(params.prepare.out), train_text=Path(train_text), model_dir=work / "model",
+                   checkpoint=work / "last.pt", metrics=work / "train.json", curve=work / "curve.csv")
+
+    @classmethod
     def for_model(cls, params: Params, name: str) -> "Paths":
         return cls(
             prepared=Path(params.prepare.out),
@@ -196,7 +203,8 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
     if not paths.train_text.is_file():
         raise FileNotFoundError(f"{paths.train_text}: training text missing; run `agreelens augment` "
                                 "(it writes the original text alone when augment.enabled is false) or `dvc repro`")
-    stream = SentenceStream(vocab, read_split(paths.train_text))
+    lines = read_split(paths.train_text)
+    stream = SentenceStream(vocab, lines)
     valid = batchify(vocab.encode_lines(read_split(paths.prepared / "valid.txt")), 16)
     steps_per_epoch = (stream.tokens // t.batch_size - 1) // t.bptt
     if steps_per_epoch < 1:
@@ -211,7 +219,8 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
     model = RNNModel(len(vocab), params.model).to(device)
     if world.distributed:  # same initial weights everywhere; dropout masks of their own
         torch.manual_seed(t.seed + 7919 * world.rank)
-    swap, n_pairs = _agreement_swap(params, vocab, paths, quiet)
+    swap, n_pairs = _agreement_swap(params, vocab, lines, quiet)
+    del lines
     step_fn = wrap(_Step(model, swap, t.agreement_loss, t.agreement_margin).to(device), world,
                    unused=params.model.softmax == "adaptive")
     opt = _make_optimizer(model, params)
@@ -379,12 +388,13 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
     return summary
 
 
-def _agreement_swap(params: Params, vocab: Vocab, paths: "Paths", quiet: bool) -> tuple[torch.Tensor | None, int]:
-    """The number-swap table of the agreement margin loss (None when ``train.agreement_loss`` is 0)."""
+def _agreement_swap(params: Params, vocab: Vocab, lines: list[str], quiet: bool) -> tuple[torch.Tensor | None, int]:
+    """The number-swap table of the agreement margin loss over the training ``lines`` (None when
+    ``train.agreement_loss`` is 0) and its number of pairs."""
     t = params.train
     if not t.agreement_loss:
         return None, 0
-    pairs = find_verb_pairs(read_split(paths.train_text), vocab)
+    pairs = find_verb_pairs(lines, vocab)
     exclude = [w for pair in params.stimuli.verbs for w in pair] if t.agreement_holdout_stimuli else []
     table = swap_table(pairs, vocab, exclude)
     n = int((table >= 0).sum()) // 2

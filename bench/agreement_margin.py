@@ -40,9 +40,7 @@ def _arm_params(params, weight: float, holdout: bool):
 
 
 def _run_arm(params, name: str, arm: str, work: Path, reuse: bool) -> dict:
-    paths = Paths(prepared=Path(params.prepare.out), train_text=Path(params.augment.out) / f"train_{name}.txt",
-                  model_dir=work / "model", checkpoint=work / "last.pt", metrics=work / "train.json",
-                  curve=work / "curve.csv")
+    paths = Paths.scratch(params, Path(params.augment.out) / f"train_{name}.txt", work)
     if not (reuse and paths.metrics.is_file() and (paths.model_dir / "model.safetensors").is_file()):
         print(f"[{arm}] training {name} (agreement_loss {params.train.agreement_loss}, "
               f"NA verbs held out: {params.train.agreement_holdout_stimuli})", flush=True)

@@ -44,8 +44,7 @@ def _score(model_dir: Path, stimuli: Path) -> dict:
 def _train_arm(params, name: str, text: Path, work: Path, stimuli: Path, reuse: bool = False) -> dict:
     """Train one arm (or, with ``reuse``, take the model a previous run of this script left in ``work``)
     and score it on the NA stimuli."""
-    paths = Paths(prepared=Path(params.prepare.out), train_text=text, model_dir=work / "model",
-                  checkpoint=work / "last.pt", metrics=work / "train.json", curve=work / "curve.csv")
+    paths = Paths.scratch(params, text, work)
     if reuse and paths.metrics.is_file() and (paths.model_dir / "model.safetensors").is_file():
         summary = json.loads(paths.metrics.read_text())
     else:

@@ -75,10 +75,7 @@ def main() -> None:
                 continue
             override(raw, key.strip(), parse_value(value))
         params = resolve(raw, source=f"{args.params} + {spec}")
-        paths = Paths(prepared=Path(params.prepare.out), train_text=Path(params.augment.out) / f"train_{split}.txt",
-                      model_dir=out / name / "model",
-                      checkpoint=out / name / "last.pt", metrics=out / name / "train.json",
-                      curve=out / name / "curve.csv")
+        paths = Paths.scratch(params, Path(params.augment.out) / f"train_{split}.txt", out / name)
         t0 = time.perf_counter()
         summary = train(params, split, paths, quiet=True)
         wall = time.perf_counter() - t0
