@@ -99,11 +99,18 @@ class RNNModel(nn.Module):
         is the difference of two logits; with an adaptive softmax, of two head logits (both words in
         the head) or of two logits of one tail cluster. Only rows whose words sit in different clusters
         pay for the normalisers (``target_log_probs``).
+
+        Weight rows are taken with ``index_select``: the backward of ``w[ids]`` accumulates repeated ids
+        with atomic adds on a multi-threaded CPU, so training would not be reproducible run to run.
         """
         features, good, bad = features.float(), good.contiguous(), bad.contiguous()
+
+        def diff(t: torch.Tensor, g: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return t.index_select(0, g) - t.index_select(0, b)
+
         if isinstance(self.decoder, nn.Linear):
             w, b = self.decoder.weight, self.decoder.bias
-            return ((w[good] - w[bad]) * features).sum(-1) + (b[good] - b[bad])
+            return (diff(w, good, bad) * features).sum(-1) + diff(b, good, bad)
         dec = self.decoder
         edges = torch.tensor([0, *dec.cutoffs], device=good.device)
         cg = torch.bucketize(good, edges, right=True) - 1  # 0 = head, i = tail cluster i
@@ -112,9 +119,9 @@ class RNNModel(nn.Module):
         head = (cg == 0) & (cb == 0)
         if head.any():
             w = dec.head.weight
-            out[head] = ((w[good[head]] - w[bad[head]]) * features[head]).sum(-1)
+            out[head] = (diff(w, good[head], bad[head]) * features[head]).sum(-1)
             if dec.head.bias is not None:
-                out[head] += dec.head.bias[good[head]] - dec.head.bias[bad[head]]
+                out[head] += diff(dec.head.bias, good[head], bad[head])
         rest = ~head
         for i in range(1, len(dec.cutoffs)):
             rows = (cg == i) & (cb == i)
@@ -122,7 +129,7 @@ class RNNModel(nn.Module):
                 proj, lin = dec.tail[i - 1][0], dec.tail[i - 1][1]
                 z = proj(features[rows])
                 g, b_ = good[rows] - dec.cutoffs[i - 1], bad[rows] - dec.cutoffs[i - 1]
-                out[rows] = ((lin.weight[g] - lin.weight[b_]) * z).sum(-1)
+                out[rows] = (diff(lin.weight, g, b_) * z).sum(-1)
                 rest &= ~rows
         if rest.any():
             with torch.autocast(features.device.type, enabled=False):  # fp32 rows into an fp32 output

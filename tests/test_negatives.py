@@ -1,6 +1,8 @@
 """The agreement margin loss (agreelens/negatives.py): verb pairs found without a tagger, the swap
 table, the hinge's known values on hand-set logits and on an adaptive softmax, and its effect in training."""
 
+import hashlib
+
 import pytest
 import torch
 import yaml
@@ -106,3 +108,29 @@ def test_training_with_the_margin_loss_widens_held_out_verb_margins(project):
     after = _mean_verb_margin(project, pairs)
     assert summary["agreement_pairs"] >= 4 and "agreement_pairs" not in plain
     assert after > before + 0.5, (before, after)  # the observed verb forms of unseen text gain on their swaps
+
+
+@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+def test_margin_gradients_are_reproducible_on_a_multithreaded_cpu(softmax):
+    # A few verb ids repeated thousands of times per batch, as in training: with `w[ids]` the backward
+    # accumulated repeated rows with atomic adds, and two runs of the pipeline trained different models.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        cfg = ModelConfig(emb_size=8, hidden_size=512, layers=1, dropout=0.0, softmax=softmax,
+                          cutoffs=[100, 300], div_value=1.0)
+        model = RNNModel(400, cfg)
+        features = torch.randn(4000, 512)
+        verbs = torch.tensor([3, 5, 7, 9, 150, 152, 154, 156])  # head pairs and tail-cluster pairs
+        pick = torch.randint(0, 4, (4000,)) * 2  # pair k: verbs[2k] (observed), verbs[2k + 1] (swap)
+        good, bad = verbs[pick], verbs[pick + 1]
+        grads = set()
+        for _ in range(4):
+            model.zero_grad()
+            model.target_margin(features, good, bad).sum().backward()
+            grads.add(hashlib.sha1(b"".join(p.grad.numpy().tobytes() for p in model.decoder.parameters()
+                                            if p.grad is not None)).hexdigest())
+        assert len(grads) == 1
+    finally:
+        torch.set_num_threads(before)
