@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from agreelens.files import write_text
 from agreelens.scoring import group_key, has_prefix_fields, read_pairs
 from agreelens.text import tokenize
 from agreelens.trace import cell, layer_weights, lstm_of, split_mask, unit_mask
@@ -588,8 +589,7 @@ def save_sweep(result: dict, name: str, metrics: str | Path = "metrics",
     result = {"model": name, **result}
     tag = Path(name).name
     out = Path(metrics) / f"units_{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_text(out, json.dumps(result, indent=1) + "\n")
     fig = plot_sweep(result, Path(figures) / f"sweep_{tag}.png",
                      title=f"{tag}: accuracy drop per ablated unit (top 40; * number unit)")
     return result, out, fig

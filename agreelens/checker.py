@@ -869,6 +869,7 @@ def run_calibrate(params, name: str, root: str | Path = ".", out: str | Path | N
     writes ``metrics/calibration_<name>.json`` (with the verb lexicon the checker uses)."""
     import os
 
+    from agreelens.files import write_text
     from agreelens.model import default_device, load_model
     from agreelens.na import resolve_model
     from agreelens.scoring import read_pairs
@@ -891,7 +892,6 @@ def run_calibrate(params, name: str, root: str | Path = ".", out: str | Path | N
                                         svc.calibration_seed)}
     result["lexicon"] = lex.to_dict()
     out = Path(out or root / "metrics" / f"calibration_{tag}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     body = json.dumps({k: v for k, v in result.items() if k != "lexicon"}, indent=1)
-    out.write_text(body[:-2] + ',\n "lexicon": ' + json.dumps(result["lexicon"]) + "\n}\n")  # the list on one line
+    write_text(out, body[:-2] + ',\n "lexicon": ' + json.dumps(result["lexicon"]) + "\n}\n")  # the list on one line
     return result

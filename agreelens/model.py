@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from agreelens.config import ModelConfig
+from agreelens.files import check_readable, publish_tree
 from agreelens.vocab import Vocab
 
 Hidden = tuple[torch.Tensor, torch.Tensor]
@@ -149,32 +150,48 @@ class RNNModel(nn.Module):
 
 
 def save_model(model: RNNModel, vocab: Vocab, out_dir: str | Path, extra: dict | None = None) -> Path:
-    """Write the model directory atomically: a crash never leaves a half-written model."""
+    """Write the model directory atomically (a crash never leaves a half-written model) and world-readable
+    (0755 directory, 0644 files, whatever the umask), so a service running as another user can load it."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    old = None
     try:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         meta = {"vocab_size": model.vocab_size, "model": model.cfg.model_dump(), **(extra or {})}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         vocab.save(tmp / "vocab.txt")
+        publish_tree(tmp)
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / "model")
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 
+MODEL_FILES = ("model.safetensors", "config.json", "vocab.txt")
+
+
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[RNNModel, Vocab]:
+    """Load a model directory; a file this process may not read raises PermissionError naming it."""
     model_dir = Path(model_dir)
-    for name in ("model.safetensors", "config.json", "vocab.txt"):
+    if model_dir.is_dir() and not os.access(model_dir, os.X_OK):
+        raise PermissionError(f"{model_dir}: permission denied (directory mode "
+                              f"{model_dir.stat().st_mode & 0o7777:04o}, owner uid {model_dir.stat().st_uid}; "
+                              f"this process runs as uid {os.getuid()}): chmod -R a+rX {model_dir}")
+    for name in MODEL_FILES:
         if not (model_dir / name).is_file():
             raise FileNotFoundError(
                 f"{model_dir}: not a model directory (missing {name}); train one with "
                 "`agreelens train --model small` or `dvc repro`"
             )
+    for name in MODEL_FILES:  # safetensors reports an unreadable file as "No such file or directory"
+        check_readable(model_dir / name)
     meta = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     vocab = Vocab.load(model_dir / "vocab.txt")
     model = RNNModel(meta["vocab_size"], ModelConfig(**meta["model"]))

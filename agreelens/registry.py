@@ -10,6 +10,7 @@ the version gets alias ``challenger`` and the reason is returned. ``models:/<nam
 
 from __future__ import annotations
 
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import mlflow.pyfunc
 
 from agreelens import tracking
+from agreelens.files import DIR_MODE, publish_tree
 
 PIP_REQUIREMENTS = ["torch==2.13.0", "safetensors>=0.4", "pyyaml>=6", "pydantic>=2", "numpy>=1.26"]
 
@@ -102,8 +104,11 @@ def fetch(uri: str, dst: str | Path | None = None) -> Path:
     if not uri.startswith("models:/"):
         raise ValueError(f"{uri!r} is not a registry URI (models:/<name>@<alias> or models:/<name>/<version>)")
     tracking.setup_env()
-    dst = Path(dst or tempfile.mkdtemp(prefix="agreelens-registry-"))
+    if not dst:
+        dst = Path(tempfile.mkdtemp(prefix="agreelens-registry-"))
+        os.chmod(dst, DIR_MODE)  # mkdtemp makes it 0700
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    publish_tree(local)  # 0755 / 0644: readable by other users, like a saved model
     found = sorted(local.rglob("model.safetensors"))
     if not found:
         raise FileNotFoundError(f"{uri}: the registered model holds no agreelens model directory")
