@@ -199,6 +199,34 @@ def stimuli(
     console.print(f"{rep['n_records']:,} minimal pairs -> {out}/")
 
 
+@app.command()
+def natural(
+    params: str = ParamsOpt,
+    profile: Optional[str] = ProfileOpt,
+    sample: int = typer.Option(0, help="print this many random items of the built sets instead (for checking by eye)"),
+) -> None:
+    """Stage: the natural-text agreement benchmark (dev/test .jsonl with n_attractors) from held-out text."""
+    from agreelens import natural as nat
+
+    p = _params(params, profile)
+    if sample:
+        import random
+
+        items = [json.loads(x) for f in ("dev", "test") for x in _call(Path(p.natural.out, f"{f}.jsonl").read_text).splitlines()]
+        for it in random.Random(p.natural.seed).sample(items, min(sample, len(items))):
+            console.print(f"{it['pairID']}\t{it['n_attractors']}\t{it['subject']}\t{it['one_prefix_prefix']} "
+                          f"[bold]{it['one_prefix_word_good']}[/bold] / {it['one_prefix_word_bad']}", highlight=False)
+        return
+    train = sorted(Path(p.prepare.out).glob("train_*.txt"))
+    try:
+        stats = nat.build(p, train_files=train)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        _fail(err)
+    for name, st in stats["splits"].items():
+        console.print(f"{name}: {st['items']:,} items; by attractors {st['by_attractors']}; by source {st['by_source']}")
+    console.print(f"parsed {stats['sentences_parsed']:,} sentences in {stats['parse_seconds']} s -> {p.natural.out}/")
+
+
 @app.command("evaluate-na")
 def evaluate_na(
     model: str = ModelOpt,
@@ -256,6 +284,8 @@ def score(
         t.add_column(col, justify="right")
     for k, g in result["groups"].items():
         t.add_row(k, f"{g['accuracy']:.1%}", f"{g['n']:,}")
+    for k, g in result.get("attractors", {}).items():
+        t.add_row(f"{k} attractor(s)", f"{g['accuracy']:.1%}", f"{g['n']:,}")
     console.print(t)
 
 

@@ -16,6 +16,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agreelens.natural import NaturalConfig
 from agreelens.stimuli import StimuliConfig
 
 
@@ -80,11 +81,11 @@ class TrainConfig(_Section):
     threads: int = Field(0, ge=0)  # 0 = all cores
     amp: bool = True  # bf16 mixed precision where the hardware does it natively (CUDA, AVX512-BF16 CPUs)
     shuffle: bool = True  # reshuffle sentence order every epoch
-    na_stimuli: str = "stimuli"  # score these NA pairs at every validation ("" = off): agreement curve
+    na_stimuli: str = "stimuli/dev"  # score these NA pairs (dev lexicon) at every validation ("" = off): agreement curve
+    na_natural: str = "natural/dev.jsonl"  # ... and these natural-text dev items with >= 1 attractor ("" = off)
     # token-level agreement margin loss (Noji & Takamura 2020; agreelens/negatives.py): weight, 0 = plain LM
     agreement_loss: float = Field(0.0, ge=0)
     agreement_margin: float = Field(5.0, gt=0)  # nats by which an observed verb must beat its number swap
-    agreement_holdout_stimuli: bool = False  # leave the NA-task verbs out of the loss (a generalisation control)
 
 
 class EvaluateConfig(_Section):
@@ -237,6 +238,7 @@ class Params(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     augment: AugmentParams = AugmentParams()
     stimuli: StimuliConfig = StimuliConfig()
+    natural: NaturalConfig = NaturalConfig()
     analysis: AnalysisConfig = AnalysisConfig()
     registry: RegistryConfig = RegistryConfig()
     quality: QualityConfig = QualityConfig()

@@ -23,10 +23,13 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from agreelens.config import Params
 from agreelens.text import split_sentences, tokenize
 from agreelens.vocab import UNK, Vocab
+
+if TYPE_CHECKING:
+    from agreelens.config import Params
 
 SPLITS = ("train", "valid", "test")
 
@@ -72,15 +75,21 @@ def _files(folder: Path, pattern: str) -> list[Path]:
     return files
 
 
-def _tokenized(paragraphs, limit: int) -> list[list[str]]:
-    out = []
+def raw_sentences(paragraphs):
+    """``(sentence text, tokens)`` of each non-empty sentence of the paragraphs, in order."""
     for para in paragraphs:
         for sent in split_sentences(para):
             toks = tokenize(sent)
             if toks:
-                out.append(toks)
-                if limit and len(out) >= limit:
-                    return out
+                yield sent, toks
+
+
+def _tokenized(paragraphs, limit: int) -> list[list[str]]:
+    out = []
+    for _, toks in raw_sentences(paragraphs):
+        out.append(toks)
+        if limit and len(out) >= limit:
+            break
     return out
 
 

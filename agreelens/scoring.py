@@ -318,12 +318,20 @@ def summarize(pairs: list[dict], margins: torch.Tensor, scored: torch.Tensor) ->
     for g in groups.values():
         g["accuracy"] = g.pop("_correct") / g["n"] if g["n"] else 0.0
     n = int(scored.sum())
-    return {
+    out = {
         "accuracy": sum(correct) / n if n else 0.0,
         "n": n,
         "oov": len(pairs) - n,
         "groups": dict(sorted(groups.items())),
     }
+    if any("n_attractors" in p for p in pairs):  # natural-text pairs: accuracy per attractor count (0 .. 4+)
+        buckets: dict[str, list[int]] = {}
+        for pair, ok, s in zip(pairs, correct, scored_l):
+            if s and "n_attractors" in pair:
+                n_att = int(pair["n_attractors"])
+                buckets.setdefault(str(n_att) if n_att < 4 else "4+", []).append(int(ok))
+        out["attractors"] = {k: {"accuracy": sum(v) / len(v), "n": len(v)} for k, v in sorted(buckets.items())}
+    return out
 
 
 def score_pairs(

@@ -317,6 +317,18 @@ def _record(construction: str, condition: str, idx: int, choice, obj_form: int, 
 NUMBER_POOLS = ("nouns", "verbs", "location_nouns")
 
 
+def split_lexicon(cfg: StimuliConfig) -> dict[str, StimuliConfig]:
+    """Two settings with disjoint halves of the number-carrying pools (nouns, verbs, location nouns):
+    ``{"dev": ..., "test": ...}``. Entries are shuffled with ``cfg.seed`` and dealt alternately, so each
+    half gets every other entry; adverbs, prepositions and names are shared (they carry no number)."""
+    halves: dict[str, dict] = {"dev": {}, "test": {}}
+    for pool in NUMBER_POOLS:
+        entries = [list(e) for e in getattr(cfg, pool)]
+        random.Random(f"agreelens-lexicon/{cfg.seed}/{pool}").shuffle(entries)
+        halves["dev"][pool], halves["test"][pool] = entries[0::2], entries[1::2]
+    return {name: cfg.model_copy(update=pools) for name, pools in halves.items()}
+
+
 def generate(cfg: StimuliConfig, vocab: Vocab | None = None,
              counts: dict[str, int] | None = None) -> tuple[list[dict], dict]:
     """Stimulus records (minimal pairs, BLiMP fields included) and a report.

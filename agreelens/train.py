@@ -214,7 +214,7 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
         total_steps = min(total_steps, t.max_steps)
     eval_every = max(1, steps_per_epoch // t.evals_per_epoch)
 
-    na_pairs = _na_pairs(t.na_stimuli)
+    na_pairs = _na_pairs(t.na_stimuli, t.na_natural)
     _seed_all(t.seed)
     model = RNNModel(len(vocab), params.model).to(device)
     if world.distributed:  # same initial weights everywhere; dropout masks of their own
@@ -336,6 +336,8 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
                         if not quiet:
                             na = (f", NA {point['na_accuracy']:.1%} (nounpp {point['na_nounpp']:.1%})"
                                   if na_pairs else "")
+                            if "natural_attr" in point:
+                                na += f", natural >=1 attractor {point['natural_attr']:.1%}"
                             bar.write(f"[train {name}] step {st['step']} epoch {point['epoch']:.2f}: "
                                       f"train ppl {train_ppl:.1f}, valid ppl {vppl:.1f}{na}")
                     if vppl < st["best_valid_ppl"]:
@@ -395,22 +397,31 @@ def _agreement_swap(params: Params, vocab: Vocab, lines: list[str], quiet: bool)
     if not t.agreement_loss:
         return None, 0
     pairs = find_verb_pairs(lines, vocab)
-    exclude = [w for pair in params.stimuli.verbs for w in pair] if t.agreement_holdout_stimuli else []
+    exclude = [w for pair in params.stimuli.verbs for w in pair]  # NA-task verbs (dev and test) are never in the loss
     table = swap_table(pairs, vocab, exclude)
     n = int((table >= 0).sum()) // 2
     if not quiet:
         kept = [f"{s}/{p}" for s, p in pairs if table[vocab.index(s)] >= 0]
         print(f"[train] agreement margin loss on {n} verb pairs"
-              f"{' (NA-task verbs held out)' if exclude else ''}: {', '.join(kept[:12])}, ...")
+              f" (NA-task verbs held out): {', '.join(kept[:12])}, ...")
     return table, n
 
 
-def _na_pairs(folder: str) -> list[dict]:
-    """NA stimuli to score at every validation (the agreement learning curve), if generated."""
+def _na_pairs(folder: str, natural: str = "") -> list[dict]:
+    """Pairs to score at every validation (the agreement learning curve), where generated: the NA
+    stimuli in ``folder`` and the natural-text items with at least one attractor in ``natural``."""
     from agreelens.scoring import read_pairs
 
     files = sorted(Path(folder).glob("*.jsonl")) if folder else []
-    return read_pairs(files) if files else []
+    pairs = read_pairs(files) if files else []
+    if natural and Path(natural).is_file():
+        pairs += [p for p in read_pairs(natural) if p.get("n_attractors", 0) >= 1]
+    return pairs
+
+
+def _pooled(groups: list[dict]) -> float:
+    n = sum(g["n"] for g in groups)
+    return round(sum(g["accuracy"] * g["n"] for g in groups) / n, 4) if n else 0.0
 
 
 def na_accuracy(model: RNNModel, vocab: Vocab, pairs: list[dict]) -> dict:
@@ -419,13 +430,15 @@ def na_accuracy(model: RNNModel, vocab: Vocab, pairs: list[dict]) -> dict:
     was_training = model.training
     r = score_pairs(model, vocab, pairs, batch_size=512)
     model.train(was_training)
-    nounpp = [g for k, g in r["groups"].items() if k.startswith("nounpp/")]
-    n = sum(g["n"] for g in nounpp)
-    return {"na_accuracy": round(r["accuracy"], 4),
-            "na_nounpp": round(sum(g["accuracy"] * g["n"] for g in nounpp) / n, 4) if n else 0.0}
+    stimuli = [g for k, g in r["groups"].items() if not k.startswith("natural_")]
+    out = {"na_accuracy": _pooled(stimuli), "na_nounpp": _pooled([g for k, g in r["groups"].items() if k.startswith("nounpp/")])}
+    if "attractors" in r:  # natural-text dev items with >= 1 attractor
+        out["natural_attr"] = _pooled(list(r["attractors"].values()))
+    return out
 
 
-CURVE_COLUMNS = ["step", "epoch", "tokens", "train_ppl", "valid_ppl", "lr", "seconds", "na_accuracy", "na_nounpp"]
+CURVE_COLUMNS = ["step", "epoch", "tokens", "train_ppl", "valid_ppl", "lr", "seconds", "na_accuracy", "na_nounpp",
+                 "natural_attr"]
 
 
 def write_curve(path: Path, history: list[dict]) -> None:

@@ -1,12 +1,11 @@
 """Does the agreement margin loss (Noji & Takamura 2020; ``train.agreement_loss``) teach number
-agreement across attractors, and does it generalise to verbs it never saw in the loss?
+agreement across attractors for verbs it never saw in the loss?
 
-Three arms of one model size (default ``large``), same text, settings, seed and NA stimuli:
+Two arms of one model size (default ``large``), same text, settings, seed and NA stimuli:
 
 - ``plain``: the LM loss alone (``agreement_loss: 0``);
-- ``margin``: LM loss + the margin loss on every verb pair found in the training text;
-- ``holdout``: the same, but the NA task's 15 verbs (both forms) are left out of the loss
-  (``agreement_holdout_stimuli: true``): what it learns about them comes from other verbs.
+- ``margin``: LM loss + the margin loss on the verb pairs found in the training text, the NA task's
+  verbs (both lexicons) always left out: what it learns about them comes from other verbs.
 
 The arm whose settings equal ``params.yaml``'s is taken from the pipeline (``models/<model>``) unless
 ``--retrain``; the others are trained into ``--work``. Writes ``OUT/agreement_margin.{json,md,png}``
@@ -34,19 +33,18 @@ from agreelens.train import Paths, train  # noqa: E402
 CONDITIONS = ("SS", "SP", "PS", "PP")
 
 
-def _arm_params(params, weight: float, holdout: bool):
-    t = params.train.model_copy(update={"agreement_loss": weight, "agreement_holdout_stimuli": holdout})
+def _arm_params(params, weight: float):
+    t = params.train.model_copy(update={"agreement_loss": weight})
     return params.model_copy(update={"train": t})
 
 
 def _run_arm(params, name: str, arm: str, work: Path, reuse: bool) -> dict:
     paths = Paths.scratch(params, Path(params.augment.out) / f"train_{name}.txt", work)
     if not (reuse and paths.metrics.is_file() and (paths.model_dir / "model.safetensors").is_file()):
-        print(f"[{arm}] training {name} (agreement_loss {params.train.agreement_loss}, "
-              f"NA verbs held out: {params.train.agreement_holdout_stimuli})", flush=True)
+        print(f"[{arm}] training {name} (agreement_loss {params.train.agreement_loss})", flush=True)
         train(params, name, paths, quiet=False)
     summary = json.loads(paths.metrics.read_text())
-    na = evaluate_na(params, str(paths.model_dir), stimuli_dir=params.train.na_stimuli or "stimuli",
+    na = evaluate_na(params, str(paths.model_dir), stimuli_dir="stimuli",
                      out=work / "na.json")
     return _row(summary, na, paths.curve)
 
@@ -75,15 +73,15 @@ def main() -> None:
     params = load_params(args.params)
     name, out = args.model, Path(args.out)
     weight = args.weight or params.train.agreement_loss or 1.0
-    arms = {"plain": (0.0, False), "margin": (weight, False), "holdout": (weight, True)}
+    arms = {"plain": 0.0, "margin": weight}
     results = {}
-    for arm, (w, hold) in arms.items():
-        arm_params = _arm_params(params, w, hold)
+    for arm, w in arms.items():
+        arm_params = _arm_params(params, w)
         pipeline = (arm_params.train == params.train and Path(f"metrics/train_{name}.json").is_file()
                     and not args.retrain)
         if pipeline:
             print(f"[{arm}] the pipeline's models/{name}", flush=True)
-            na = evaluate_na(params, f"models/{name}", stimuli_dir=params.train.na_stimuli or "stimuli",
+            na = evaluate_na(params, f"models/{name}", stimuli_dir="stimuli",
                              out=Path(args.work) / f"{name}_{arm}" / "na.json")
             results[arm] = {**_row(json.loads(Path(f"metrics/train_{name}.json").read_text()), na,
                                    Path(f"plots/learning_{name}.csv")), "reused": f"models/{name}"}
@@ -98,7 +96,7 @@ def _write(results: dict, name: str, weight: float, delta: float, out: Path) -> 
         {"model": name, "weight": weight, "delta": delta, "arms": results}, indent=2) + "\n")
     cons = list(next(iter(results.values()))["constructions"])
     lines = [f"NA accuracy (%) of the {name} model with and without the agreement margin loss (weight {weight}, "
-             f"margin {delta} nats); `holdout`: the NA task's verbs left out of the loss.", "",
+             f"margin {delta} nats; the NA task's verbs never in the loss), test lexicon.", "",
              "| arm | verb pairs | valid PPL | BLiMP | NA all | " + " | ".join(cons) + " | nounpp SS/SP/PS/PP |",
              "|---|---:|---:|---:|---:|" + "---:|" * (len(cons) + 1)]
     for arm, r in results.items():

