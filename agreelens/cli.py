@@ -204,6 +204,7 @@ def natural(
     params: str = ParamsOpt,
     profile: Optional[str] = ProfileOpt,
     sample: int = typer.Option(0, help="print this many random items of the built sets instead (for checking by eye)"),
+    min_attractors: int = typer.Option(0, help="with --sample: only items with at least this many attractors"),
 ) -> None:
     """Stage: the natural-text agreement benchmark (dev/test .jsonl with n_attractors) from held-out text."""
     from agreelens import natural as nat
@@ -213,9 +214,10 @@ def natural(
         import random
 
         items = [json.loads(x) for f in ("dev", "test") for x in _call(Path(p.natural.out, f"{f}.jsonl").read_text).splitlines()]
+        items = [it for it in items if it["n_attractors"] >= min_attractors]
         for it in random.Random(p.natural.seed).sample(items, min(sample, len(items))):
-            console.print(f"{it['pairID']}\t{it['n_attractors']}\t{it['subject']}\t{it['one_prefix_prefix']} "
-                          f"[bold]{it['one_prefix_word_good']}[/bold] / {it['one_prefix_word_bad']}", highlight=False)
+            print(f"{it['pairID']}\t{it['subject']}\t{','.join(it['attractors'])}\t{it['one_prefix_prefix']} "
+                  f"[{it['one_prefix_word_good']} / {it['one_prefix_word_bad']}]")
         return
     train = sorted(Path(p.prepare.out).glob("train_*.txt"))
     try:

@@ -100,7 +100,7 @@ def _detok(line: str) -> str:
     line = _WIKI_AT.sub(r"\1", line).replace("<unk>", "UNK")
     line = re.sub(r" ([.,;:!?)\]}%])", r"\1", line)
     line = re.sub(r"([(\[{$]) ", r"\1", line)
-    line = re.sub(r" (n't|'s|'re|'ve|'ll|'d|'m)\b", r"\1", line)
+    line = re.sub(r" (n't|'t|'s|'re|'ve|'ll|'d|'m)\b", r"\1", line)  # couldn 't, it 's
     return re.sub(r'" (.*?) "', r'"\1"', line).strip()
 
 
@@ -175,6 +175,8 @@ def items_of_sentence(sent) -> list[dict]:
         if swapped is None:
             continue
         number, alternate = swapped
+        if tok.dep_ not in ("aux", "auxpass") and any(c.dep_ in ("aux", "auxpass") for c in tok.children):
+            continue  # a main verb with an auxiliary ("why do people know"): the auxiliary is the finite verb
         subj = _finite_subject(tok)
         if subj is None or subj.tag_ not in NOUN_NUMBER or subj.i >= tok.i:
             continue

@@ -70,6 +70,64 @@ def _safety(reports: Path) -> list[str]:
                   "it trains two more models")
 
 
+BUCKETS = ("0", "1", "2", "3", "4+")
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95 % Wilson score interval of a proportion ``p`` observed on ``n`` items."""
+    if not n:
+        return 0.0, 1.0
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def natural_figure(results: dict[str, dict], path: Path) -> Path:
+    """Accuracy against the number of attractors (0 .. 4+) per model, with 95 % Wilson intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from agreelens.plots import save_figure
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for k, (name, att) in enumerate(results.items()):
+        xs = [i + (k - (len(results) - 1) / 2) * 0.08 for i, b in enumerate(BUCKETS) if att.get(b, {}).get("n")]
+        gs = [att[b] for b in BUCKETS if att.get(b, {}).get("n")]
+        ys = [100 * g["accuracy"] for g in gs]
+        lo_hi = [wilson(g["accuracy"], g["n"]) for g in gs]
+        err = [[y - 100 * lo for y, (lo, _) in zip(ys, lo_hi)], [100 * hi - y for y, (_, hi) in zip(ys, lo_hi)]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
+    ax.axhline(50, color="grey", lw=0.8, ls=":")
+    ax.set_xticks(range(len(BUCKETS)), BUCKETS)
+    ax.set_xlabel("attractors between subject and verb")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Agreement in held-out real sentences (natural/test.jsonl)")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def _natural(names: list[str], metrics: Path, reports: Path) -> list[str]:
+    """Natural-text agreement by attractor count (test set), as a table and a figure."""
+    res = {n: _read(metrics / f"na_{n}.json").get("natural", {}).get("test") for n in names}
+    res = {n: r for n, r in res.items() if r}
+    if not res:
+        return []
+    natural_figure({n: r["attractors"] for n, r in res.items()}, reports / "figures" / "natural_attractors.png")
+    cell = lambda g: f"{g['accuracy']:.1%} ({g['n']})" if g.get("n") else "-"
+    rows = [[n, cell(r), *[cell(r["attractors"].get(b, {})) for b in (*BUCKETS, "2+")]] for n, r in res.items()]
+    return ["## Agreement in real sentences, by number of attractors", "",
+            "Present-tense verbs with a noun subject in held-out text (the corpora's test split, WikiText-2 "
+            "valid/test), found by spaCy's parser; an attractor is a noun of the other number between subject "
+            "and verb. Right when log P(written verb) > log P(its number swap) after the sentence's prefix. "
+            "Test documents only (`natural/test.jsonl`; dev chose the settings); accuracy (items).", "",
+            _markdown_table(["model", "all", *(f"{b} attr." for b in BUCKETS), "2+ attr."], rows), "",
+            "![accuracy by attractors](figures/natural_attractors.png)", ""]
+
+
 def build(names: list[str], metrics: str | Path = "metrics", out: str | Path = "reports/report.md") -> Path:
     metrics, out = Path(metrics), Path(out)
     parts = ["# agreelens report", "",
@@ -78,6 +136,7 @@ def build(names: list[str], metrics: str | Path = "metrics", out: str | Path = "
              "in `params.yaml`.", ""]
     t6 = table6(names, metrics, out=None)
     parts += ["## Table 6: perplexity and NA accuracy", "", t6.split("\n\n", 2)[2].strip(), ""]
+    parts += _natural(names, metrics, out.parent)
     parts += _study(out.parent, "agreement_margin", "The agreement margin loss, on vs off, NA verbs held out",
                     "it trains two or three more models")
     parts += _augmentation(names, metrics, out.parent)

@@ -59,6 +59,16 @@ def stimuli_task(params: Params) -> dict:
     return make_stimuli(params)
 
 
+@task
+def natural_task(params: Params) -> dict:
+    """The natural-text agreement benchmark (``natural/{dev,test}.jsonl``) from held-out text."""
+    from pathlib import Path
+
+    from agreelens.natural import build
+
+    return build(params, train_files=sorted(Path(params.prepare.out).glob("train_*.txt")), progress=False)
+
+
 @task(task_run_name="quality-gate-{suite}")
 def quality_gate_task(params: Params, suite: str) -> dict:
     """Great Expectations suite ``raw`` or ``augmented``; raises ``QualityGateError`` (naming the failed
@@ -264,6 +274,7 @@ def prepare_flow(params: Params) -> dict:
     restore_data()
     stats = prepare_task(params)
     stimuli_task(params)
+    natural_task(params)
     return stats
 
 

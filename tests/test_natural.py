@@ -137,3 +137,18 @@ def test_build_splits_by_document_and_drops_training_sentences(tmp_path, monkeyp
     keys = {i["subject"]: i for i in items}
     assert keys["keys"]["n_attractors"] == 1 and keys["keys"]["one_prefix_word_bad"] == "is"
     assert keys["teacher"]["n_attractors"] == 1
+
+
+def test_do_support_question_is_not_a_site_of_the_main_verb():
+    # why do people know  ("know" is non-finite: agreement is on "do", whose subject follows it)
+    doc = parsed(["Why", "do", "people", "know", "it", "?"], ["WRB", "VBP", "NNS", "VBP", "PRP", "."],
+                 [3, 3, 3, 3, 3, 3], ["advmod", "aux", "nsubj", "ROOT", "dobj", "punct"])
+    assert items_of_sentence(doc[:]) == []
+
+
+def test_wikitext_detokenized_for_the_parser():
+    from agreelens.natural import _detok
+
+    assert _detok('the doctors couldn \'t have , in 1 @,@ 000 cases , " a " fix ( b ) .') == \
+        'the doctors couldn\'t have, in 1,000 cases, "a" fix (b).'
+    assert _detok("it 's the <unk> that won 't go") == "it's the UNK that won't go"
