@@ -195,7 +195,12 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
     meta = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     vocab = Vocab.load(model_dir / "vocab.txt")
     model = RNNModel(meta["vocab_size"], ModelConfig(**meta["model"]))
-    model.load_state_dict(load_file(str(model_dir / "model.safetensors"), device="cpu"))
+    try:
+        state = load_file(str(model_dir / "model.safetensors"), device="cpu")
+    except Exception as err:  # noqa: BLE001 - safetensors' own errors do not name the file
+        raise ValueError(f"{model_dir / 'model.safetensors'}: cannot be read as safetensors "
+                         f"({type(err).__name__}: {err}); save the model again") from err
+    model.load_state_dict(state)
     return model.to(device).eval(), vocab
 
 

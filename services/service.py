@@ -21,6 +21,10 @@ this file's parent's parent); ``AGREELENS_PROFILE`` picks a profile; when the va
 ``service.api_key_env`` (``AGREELENS_API_KEY``) is set, every POST needs its value in an ``X-API-Key`` (or
 ``Authorization: Bearer``) header.
 
+Startup: a worker that cannot load the model (unreadable or corrupt files, no fallback, unreadable
+calibration) logs why, naming the file, and stops the whole server: ``bentoml serve`` exits with status 3
+(:data:`EXIT_STARTUP_FAILED`) instead of restarting the worker forever behind a port that never answers.
+
 Bad input never gives a 5xx: a body over ``max_body_bytes`` (413), not JSON (400) or not an object (400),
 a wrong field type (400, BentoML's validation), empty or blank text, control characters (400), text over
 ``max_chars`` characters or ``max_sentences`` sentences (413), more than ``batch_max_size`` texts in one
@@ -30,10 +34,12 @@ object ``{"error": message}``.
 
 from __future__ import annotations
 
+import atexit
 import hmac
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -61,6 +67,58 @@ PARAMS = load_params(ROOT / "params.yaml")
 CFG = PARAMS.service
 PAGE = Path(__file__).with_name("page.html")
 JSON_ROUTES = ("/check", "/check_batch", "/explain", "/score")
+
+
+# ---------------------------------------------------------------------------------------- startup failure
+
+EXIT_STARTUP_FAILED = 3
+SERVER_PID_ENV = "AGREELENS_SERVER_PID"  # the `bentoml serve` process, as its workers see it
+_startup_failed = False
+
+
+def _is_worker() -> bool:
+    from bentoml._internal.context import server_context
+
+    return server_context.worker_index is not None
+
+
+def _stop_on_worker_failure(signum, frame) -> None:
+    """In the ``bentoml serve`` process: a worker could not start; stop every worker (circus' own SIGTERM
+    handling) and exit with EXIT_STARTUP_FAILED."""
+    global _startup_failed
+    if not _startup_failed:
+        _startup_failed = True
+        log.error("agreelens: a worker could not load the service (its error is above); stopping the server, "
+                  "exit status %d", EXIT_STARTUP_FAILED)
+        signal.raise_signal(signal.SIGTERM)
+
+
+def _exit_status() -> None:
+    if _startup_failed:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_STARTUP_FAILED)
+
+
+def _watch_workers() -> None:
+    """Run in the ``bentoml serve`` process (which imports this module before it spawns the workers)."""
+    os.environ[SERVER_PID_ENV] = str(os.getpid())
+    try:
+        signal.signal(signal.SIGUSR2, _stop_on_worker_failure)
+    except ValueError:  # imported outside the main thread: not a server process
+        return
+    atexit.register(_exit_status)
+
+
+def _stop_server() -> None:
+    """In a worker whose service failed to start: tell the ``bentoml serve`` process that started it."""
+    pid = os.environ.get(SERVER_PID_ENV, "")
+    if pid.isdigit() and int(pid) == os.getppid():
+        os.kill(int(pid), signal.SIGUSR2)
+
+
+if not _is_worker():
+    _watch_workers()
 
 
 def registry_available() -> bool:
@@ -193,6 +251,14 @@ class AgreeLens:
     registry's champion), else ``service.fallback`` with a log line saying why."""
 
     def __init__(self) -> None:
+        try:
+            self._start()
+        except Exception as err:
+            log.error("agreelens: the service cannot start: %s: %s", type(err).__name__, err)
+            _stop_server()
+            raise
+
+    def _start(self) -> None:
         import torch
 
         torch.set_num_threads(CFG.threads)
