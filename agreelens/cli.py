@@ -229,6 +229,36 @@ def natural(
     console.print(f"parsed {stats['sentences_parsed']:,} sentences in {stats['parse_seconds']} s -> {p.natural.out}/")
 
 
+@app.command()
+def parse(params: str = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """Stage: parse the training split once (spaCy): agreement sites and noun modifiers -> parsed/."""
+    from agreelens.syntax import run_parse
+
+    p = _params(params, profile)
+    try:
+        st = run_parse(p)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        _fail(err)
+    console.print(f"{st['sentences']:,} sentences parsed in {st['seconds']} s: {st['sites']:,} sites, "
+                  f"{st['modifiers']:,} modifiers -> {p.syntax.parsed}/")
+
+
+@app.command("augment-syntax")
+def augment_syntax(params: str = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """Stage: insert modifiers with nouns of the other number between subject and verb -> syntax/."""
+    from agreelens.syntax import run_augment_syntax
+
+    p = _params(params, profile)
+    st = _call(run_augment_syntax, p)
+    if not st["enabled"]:
+        console.print("syntax.enabled is false: the training text is the augmented text alone")
+    else:
+        console.print(f"{st['synthetic']:,} synthetic sentences from {st['sites']:,} sites "
+                      f"(subject/modifier numbers {st['subject_modifier_numbers']}) -> {p.syntax.out}/")
+    for name, m in st["models"].items():
+        console.print(f"  {name}: {m['sentences']:,} sentences, {m['synthetic']:,} synthetic, {m['tokens']:,} tokens")
+
+
 @app.command("evaluate-na")
 def evaluate_na(
     model: str = ModelOpt,
@@ -440,7 +470,7 @@ def register(
 
 @app.command("validate")
 def validate_data(
-    suite: str = typer.Option(..., "--suite", "-s", help="raw (corpora + prepared vocabulary) or augmented (augmented/pairs.tsv)"),
+    suite: str = typer.Option(..., "--suite", "-s", help="raw (corpora + prepared vocabulary), augmented (augmented/pairs.tsv) or syntax (syntax/pairs.tsv)"),
     params: str = ParamsOpt,
     profile: Optional[str] = ProfileOpt,
 ) -> None:

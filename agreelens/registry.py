@@ -2,9 +2,11 @@
 
 A registered version is an MLflow pyfunc whose artifact is the plain model directory (safetensors +
 config + vocabulary, loaded with agreelens alone, tensors only) and whose ``predict`` scores minimal
-pairs. Promotion rule: alias ``champion`` moves to the new version only when its NA accuracy is not lower
-than the champion's by more than ``tolerance`` and its test perplexity is under ``max_ppl``; otherwise
-the version gets alias ``challenger`` and the reason is returned. ``models:/<name>@<alias>`` (or
+pairs. Promotion rule: alias ``champion`` moves to the new version only when neither its NA accuracy (test
+lexicon) nor its natural-text accuracy at >= 1 attractor (``natural/test.jsonl``) is lower than the
+champion's by more than ``tolerance``, both scored on the same frozen evaluation set (tag ``eval_set``; a
+champion registered on another set is scored again), and its test perplexity is under ``max_ppl``;
+otherwise the version gets alias ``challenger`` and the reason is returned. ``models:/<name>@<alias>`` (or
 ``/<version>``) resolves to a local model directory through :func:`fetch`.
 """
 
@@ -54,23 +56,44 @@ def _client():
     return MlflowClient()
 
 
+PROMOTION_METRICS = (("na_accuracy", "NA accuracy"), ("natural_attr", "natural-text accuracy at >= 1 attractor"))
+
+
 def promotion(new: dict, champion: dict | None, tolerance: float, max_ppl: float) -> tuple[bool, str]:
-    """``(promote, reason)`` from ``{"na_accuracy", "test_ppl"}`` of the new version and the champion."""
+    """``(promote, reason)`` from ``{"na_accuracy", "natural_attr", "test_ppl"}`` of the new version and the
+    champion (scored on the same evaluation set): a metric both have may not drop by more than ``tolerance``."""
     if new["test_ppl"] > max_ppl:
         return False, f"test PPL {new['test_ppl']:.1f} is above the bound {max_ppl:g}"
     if champion is None:
         return True, "first version: no champion yet"
-    if new["na_accuracy"] < champion["na_accuracy"] - tolerance:
-        return False, (f"NA accuracy {new['na_accuracy']:.2%} is below the champion's "
-                       f"{champion['na_accuracy']:.2%} by more than {tolerance:.2%}")
-    return True, f"NA accuracy {new['na_accuracy']:.2%} vs champion {champion['na_accuracy']:.2%}"
+    shared = [(k, label) for k, label in PROMOTION_METRICS if k in new and k in champion]
+    if not shared:
+        return True, "no evaluation metric shared with the champion: the perplexity bound only"
+    for key, label in shared:
+        if new[key] < champion[key] - tolerance:
+            return False, (f"{label} {new[key]:.2%} is below the champion's "
+                           f"{champion[key]:.2%} by more than {tolerance:.2%}")
+    return True, "; ".join(f"{label} {new[k]:.2%} vs champion {champion[k]:.2%}" for k, label in shared)
+
+
+def eval_set_hash(files) -> str:
+    """Identity of an evaluation set: a hash of its files' names and bytes (sorted)."""
+    import hashlib
+
+    h = hashlib.md5()
+    for f in sorted(Path(x) for x in files):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
 
 
 def register(model_dir: str | Path, name: str, metrics: dict, tags: dict | None = None,
              artifacts: list[str | Path] = (), tolerance: float = 0.01, max_ppl: float = 1e9,
-             model_files: dict[str, str | Path] | None = None) -> Decision:
+             model_files: dict[str, str | Path] | None = None, rescore=None) -> Decision:
     """Log ``model_dir`` as a pyfunc in a new run, register it as ``name`` and set its alias.
-    ``model_files``: more files that travel with the model (the checker's calibration, the number units)."""
+    ``model_files``: more files that travel with the model (the checker's calibration, the number units).
+    A champion whose ``eval_set`` tag differs from this version's is scored again with ``rescore(model_dir)
+    -> metrics`` on the current evaluation set before the two are compared (without ``rescore``, only the
+    perplexity bound applies), so versions are always compared on the same pairs."""
     tracking.setup_env()
     client = _client()
     mlflow.set_experiment("agreelens-registry")
@@ -89,9 +112,13 @@ def register(model_dir: str | Path, name: str, metrics: dict, tags: dict | None 
     version = str(info.registered_model_version)
     try:
         champ = client.get_model_version_by_alias(name, "champion")
-        champ_metrics = client.get_run(champ.run_id).data.metrics
+        champ_run = client.get_run(champ.run_id).data
     except Exception:  # noqa: BLE001 - no champion yet
-        champ_metrics = None
+        champ, champ_run = None, None
+    champ_metrics = None if champ_run is None else champ_run.metrics
+    eval_set = (tags or {}).get("eval_set")
+    if champ_run is not None and champ_run.tags.get("eval_set") != eval_set:
+        champ_metrics = rescore(fetch(f"models:/{name}/{champ.version}")) if rescore else {}
     promote, reason = promotion(metrics, champ_metrics, tolerance, max_ppl)
     alias = "champion" if promote else "challenger"
     client.set_registered_model_alias(name, alias, version)
@@ -125,17 +152,38 @@ def register_model(params, name: str, metrics_dir: str | Path = "metrics", model
         na = json.loads((metrics_dir / f"na_{name}.json").read_text())
     except (OSError, KeyError, ValueError) as err:
         raise FileNotFoundError(f"no metrics for '{name}' in {metrics_dir}/ ({err}); run `dvc repro` first") from None
-    metrics = {"test_ppl": ev["test_ppl"], "na_accuracy": na["accuracy"],
+    metrics: dict = {}
+    natural = na.get("natural", {}).get("test", {}).get("attractors", {})
+    if any(k != "0" for k in natural):  # the frozen natural test set, items with >= 1 attractor
+        gs = [g for k, g in natural.items() if k not in ("0", "2+")]
+        metrics["natural_attr"] = sum(g["accuracy"] * g["n"] for g in gs) / max(1, sum(g["n"] for g in gs))
+    metrics.update({"test_ppl": ev["test_ppl"], "na_accuracy": na["accuracy"],
                **{f"na_{k}": v["accuracy"] for k, v in na.get("constructions", {}).items()},
-               **{f"na_{k.replace('/', '_')}": v["accuracy"] for k, v in na.get("groups", {}).items()}}
+               **{f"na_{k.replace('/', '_')}": v["accuracy"] for k, v in na.get("groups", {}).items()}})
     if "blimp" in na:
         metrics["blimp_accuracy"] = na["blimp"]["accuracy"]
     units = metrics_dir / f"units_{name}.json"
     tags = {"number_units": ",".join(str(u["unit"]) for u in json.loads(units.read_text())["number_units"])} \
         if units.is_file() else {}
+    eval_files = [*sorted(Path("stimuli").glob("*.jsonl")), Path(params.natural.out) / "test.jsonl"]
     tags.update({"augmented_dvc_md5": tracking.stage_out_hash("augment", params.augment.out),
-                 "params_hash": tracking.params_hash(params.model_dump())})
+                 "params_hash": tracking.params_hash(params.model_dump()),
+                 "eval_set": eval_set_hash([f for f in eval_files if f.is_file()])})
     return register(Path(models_dir) / name, f"{params.registry.prefix}-{name}", metrics, tags,
                     artifacts=["reports/report.md", f"reports/figures/units_{name}.png"],
                     tolerance=params.registry.tolerance, max_ppl=params.registry.max_ppl,
-                    model_files={"calibration": metrics_dir / f"calibration_{name}.json", "units": units})
+                    model_files={"calibration": metrics_dir / f"calibration_{name}.json", "units": units},
+                    rescore=lambda model_dir: _promotion_metrics(params, model_dir))
+
+
+def _promotion_metrics(params, model_dir: Path) -> dict:
+    """NA accuracy (test lexicon) and natural-text accuracy at >= 1 attractor of any model, on the current
+    evaluation set: how a champion registered on another set is compared."""
+    from agreelens.model import load_model
+    from agreelens.scoring import read_pairs, score_pairs
+
+    model, vocab = load_model(model_dir)
+    na = score_pairs(model, vocab, read_pairs(sorted(Path("stimuli").glob("*.jsonl"))))
+    nat = score_pairs(model, vocab, [p for p in read_pairs(Path(params.natural.out) / "test.jsonl")
+                                     if p.get("n_attractors", 0) >= 1])
+    return {"na_accuracy": na["accuracy"], "natural_attr": nat["accuracy"]}

@@ -71,7 +71,7 @@ def natural_task(params: Params) -> dict:
 
 @task(task_run_name="quality-gate-{suite}")
 def quality_gate_task(params: Params, suite: str) -> dict:
-    """Great Expectations suite ``raw`` or ``augmented``; raises ``QualityGateError`` (naming the failed
+    """Great Expectations suite ``raw``, ``augmented`` or ``syntax``; raises ``QualityGateError`` (naming the failed
     expectations and ``reports/quality/<suite>.md``) and so stops the pipeline when one fails."""
     from agreelens.quality import QualityGateError, validate
 
@@ -98,6 +98,20 @@ def augment_task(params: Params) -> dict:
     from agreelens.augment import run_augment
 
     return run_augment(params, progress=False)
+
+
+@task
+def parse_task(params: Params) -> dict:
+    from agreelens.syntax import run_parse
+
+    return run_parse(params, progress=False)
+
+
+@task
+def augment_syntax_task(params: Params) -> dict:
+    from agreelens.syntax import run_augment_syntax
+
+    return run_augment_syntax(params)
 
 
 @task
@@ -385,6 +399,8 @@ def pipeline(params_path: str = "params.yaml", profile: str | None = None, regis
     result["quality"] = {"raw": quality_gate_task(params, "raw")["success"]}
     result["augment"] = augment_flow(params)
     result["quality"]["augmented"] = quality_gate_task(params, "augmented")["success"]
+    result["syntax"] = {"parse": parse_task(params), "augment": augment_syntax_task(params)}
+    result["quality"]["syntax"] = quality_gate_task(params, "syntax")["success"]
     result["train"] = train_flow(params)
     result["na"] = evaluate_flow(params)
     result["units"] = inside_flow(params)

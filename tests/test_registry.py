@@ -86,3 +86,35 @@ def test_stage_out_hash_reads_dvc_lock(tmp_path):
                     "    - path: augmented\n      md5: abc123.dir\n")
     assert stage_out_hash("augment", "augmented", lock) == "abc123.dir"
     assert stage_out_hash("augment", "other", lock) == "unknown" and stage_out_hash("x", "y", tmp_path / "no") == "unknown"
+
+
+def test_promotion_on_natural_text_and_a_frozen_evaluation_set(tmp_path, monkeypatch):
+    ok, why = promotion({"na_accuracy": 0.9, "natural_attr": 0.55, "test_ppl": 40},
+                        {"na_accuracy": 0.8, "natural_attr": 0.7}, 0.01, 100)
+    assert not ok and "natural-text accuracy at >= 1 attractor 55.00% is below" in why
+    assert promotion({"na_accuracy": 0.8, "natural_attr": 0.7, "test_ppl": 40}, {}, 0.01, 100)[0]
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    from agreelens.config import ModelConfig
+    from agreelens.model import RNNModel, save_model
+    from agreelens.registry import eval_set_hash, register
+    from agreelens.vocab import Vocab
+
+    vocab = Vocab(["<eos>", "<unk>", "the", "boy", "likes"])
+    mdir = save_model(RNNModel(len(vocab), ModelConfig(emb_size=4, hidden_size=4, layers=1, dropout=0.0)), vocab,
+                      tmp_path / "m")
+    (tmp_path / "a.jsonl").write_text("1\n")
+    (tmp_path / "b.jsonl").write_text("2\n")
+    set_a, set_b = eval_set_hash([tmp_path / "a.jsonl"]), eval_set_hash([tmp_path / "b.jsonl"])
+    assert set_a != set_b and set_a == eval_set_hash([tmp_path / "a.jsonl"])
+    register(mdir, "agreelens-f", {"na_accuracy": 0.9, "natural_attr": 0.9, "test_ppl": 9}, {"eval_set": set_a})
+    rescored = []
+    # the champion's 0.9 was measured on set a; on set b it scores 0.5, below the new version's 0.6
+    d = register(mdir, "agreelens-f", {"na_accuracy": 0.6, "natural_attr": 0.6, "test_ppl": 9}, {"eval_set": set_b},
+                 rescore=lambda m: rescored.append(m) or {"na_accuracy": 0.5, "natural_attr": 0.5})
+    assert d.alias == "champion" and len(rescored) == 1 and (rescored[0] / "model.safetensors").is_file()
+    # same set: compared on the registered metrics, no rescoring
+    d = register(mdir, "agreelens-f", {"na_accuracy": 0.5, "natural_attr": 0.5, "test_ppl": 9}, {"eval_set": set_b},
+                 rescore=lambda m: rescored.append(m) or {})
+    assert d.alias == "challenger" and len(rescored) == 1

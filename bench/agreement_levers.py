@@ -1,0 +1,146 @@
+"""Which training levers make the LSTM track the subject instead of the nearest noun? One table, one budget.
+
+Arms of one model size (default ``large``), same corpus, vocabulary, epochs, seed and evaluation:
+
+- ``plain``: the language-model loss alone (``train.agreement_loss: 0``), BERT-augmented text;
+- ``margin``: + the agreement margin loss (``train.agreement_loss`` of params.yaml, NA-task verbs never in it);
+- ``syntax``: the plain loss on the text with syntax-aware augmentation (``syntax/train_<model>.txt``:
+  modifiers holding a noun of the other number inserted between subject and verb);
+- ``margin+syntax``: both.
+
+Settings are chosen on **dev** (natural-text dev items with at least one attractor, the NA task's dev
+lexicon); the test columns (natural test by attractor count, the NA task's test lexicon) chose nothing.
+An arm whose settings equal the pipeline's is taken from ``models/<model>`` unless ``--retrain``; the others
+are trained into ``--work`` (``--reuse`` keeps what an earlier run left there). Writes
+``OUT/agreement_levers.{json,md,png}``.
+
+    python bench/agreement_levers.py [--model large] [--arms plain,margin,syntax,margin+syntax] [--reuse]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agreelens.config import load_params  # noqa: E402
+from agreelens.na import evaluate_na  # noqa: E402
+from agreelens.plots import save_figure  # noqa: E402
+from agreelens.train import Paths, train  # noqa: E402
+
+ARMS = {"plain": (False, False), "margin": (True, False), "syntax": (False, True), "margin+syntax": (True, True)}
+BUCKETS = ("0", "1", "2+")
+
+
+def _arm(params, margin: bool, syntax: bool):
+    t = params.train.model_copy(update={"agreement_loss": params.train.agreement_loss if margin else 0.0})
+    return params.model_copy(update={"train": t}), Path(params.syntax.out if syntax else params.augment.out)
+
+
+def _pooled(att: dict, keys) -> tuple[float, int]:
+    gs = [att[k] for k in keys if att.get(k, {}).get("n")]
+    n = sum(g["n"] for g in gs)
+    return (sum(g["accuracy"] * g["n"] for g in gs) / n if n else 0.0), n
+
+
+def _evaluate(params, model_dir: Path, summary: dict, work: Path) -> dict:
+    dev = evaluate_na(params, str(model_dir), stimuli_dir="stimuli/dev", out=work / "na_dev.json")
+    test = evaluate_na(params, str(model_dir), stimuli_dir="stimuli", out=work / "na_test.json")
+    nat_dev, nat_test = dev["natural"]["dev"]["attractors"], test["natural"]["test"]["attractors"]
+    seconds = summary.get("train_seconds") or 0
+    return {
+        "valid_ppl": summary["best_valid_ppl"], "train_seconds": seconds,
+        "tokens_per_second": summary.get("tokens_per_second"),
+        "dev": {"natural_attr": _pooled(nat_dev, [k for k in nat_dev if k != "0"]),
+                "natural_0": _pooled(nat_dev, ["0"]), "na": dev["accuracy"],
+                "na_nounpp": dev["constructions"].get("nounpp", {}).get("accuracy")},
+        "test": {"natural": {b: _pooled(nat_test, [b] if b != "2+" else ["2", "3", "4+"]) for b in BUCKETS},
+                 "na": test["accuracy"], "na_nounpp": test["constructions"].get("nounpp", {}).get("accuracy"),
+                 "nounpp_SP": test["groups"].get("nounpp/SP", {}).get("accuracy"),
+                 "simple": test["constructions"].get("simple", {}).get("accuracy"),
+                 "adv": test["constructions"].get("adv", {}).get("accuracy"),
+                 "blimp": test.get("blimp", {}).get("accuracy")},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="large", help="model size (prepare.sizes key)")
+    ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run")
+    ap.add_argument("--out", default="reports/studies/agreement_levers")
+    ap.add_argument("--work", default="runs/agreement_levers", help="scratch folder for the arms' models")
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--retrain", action="store_true", help="train every arm (default: reuse the pipeline's model)")
+    ap.add_argument("--reuse", action="store_true", help="take the models a previous run left in --work")
+    args = ap.parse_args()
+    params = load_params(args.params)
+    name, out = args.model, Path(args.out)
+    results = {}
+    for arm in args.arms.split(","):
+        margin, syntax = ARMS[arm]
+        arm_params, text_dir = _arm(params, margin, syntax)
+        work = Path(args.work) / f"{name}_{arm.replace('+', '_')}"
+        pipeline_text = Path(params.syntax.out if params.syntax.enabled else params.augment.out)
+        if arm_params.train == params.train and text_dir == pipeline_text and not args.retrain \
+                and Path(f"metrics/train_{name}.json").is_file():
+            print(f"[{arm}] the pipeline's models/{name}", flush=True)
+            model_dir, summary = Path("models") / name, json.loads(Path(f"metrics/train_{name}.json").read_text())
+        else:
+            paths = Paths.scratch(arm_params, text_dir / f"train_{name}.txt", work)
+            if not (args.reuse and paths.metrics.is_file() and (paths.model_dir / "model.safetensors").is_file()):
+                print(f"[{arm}] training {name} on {paths.train_text} (agreement_loss "
+                      f"{arm_params.train.agreement_loss})", flush=True)
+                train(arm_params, name, paths, quiet=False)
+            model_dir, summary = paths.model_dir, json.loads(paths.metrics.read_text())
+        work.mkdir(parents=True, exist_ok=True)
+        results[arm] = {**_evaluate(params, model_dir, summary, work), "text": str(text_dir / f"train_{name}.txt")}
+        print(json.dumps({arm: results[arm]}), flush=True)
+    _write(results, name, params, out)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _write(results: dict, name: str, params, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "agreement_levers.json").write_text(json.dumps({"model": name, "arms": results}, indent=2) + "\n")
+    lines = [f"The {name} model under each training lever, same corpus, epochs ({params.train.epochs}) and seed. "
+             "**Dev** chose (natural-text dev items with >= 1 attractor, NA dev lexicon); **test** reports "
+             "(natural test by attractor count, NA test lexicon). Accuracy in %, n items in brackets.", "",
+             "| arm | valid PPL | train min | tokens/s | dev natural >=1 attr. | dev natural 0 | dev NA nounpp "
+             "| test natural 0 | 1 | 2+ | test NA | nounpp | nounpp SP | simple | adv | BLiMP |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for arm, r in results.items():
+        d, t = r["dev"], r["test"]
+        nat = " | ".join(f"{_pct(t['natural'][b][0])} ({t['natural'][b][1]})" for b in BUCKETS)
+        lines.append(f"| {arm} | {r['valid_ppl']:.1f} | {r['train_seconds'] / 60:.1f} | {r['tokens_per_second'] or '-'} | "
+                     f"**{_pct(d['natural_attr'][0])}** ({d['natural_attr'][1]}) | {_pct(d['natural_0'][0])} | "
+                     f"{_pct(d['na_nounpp'])} | {nat} | {_pct(t['na'])} | {_pct(t['na_nounpp'])} | "
+                     f"{_pct(t['nounpp_SP'])} | {_pct(t['simple'])} | {_pct(t['adv'])} | {_pct(t['blimp'])} |")
+    (out / "agreement_levers.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for arm, r in results.items():
+        nat = r["test"]["natural"]
+        ax.plot(BUCKETS, [100 * nat[b][0] for b in BUCKETS], marker="o", label=arm)
+    ax.axhline(50, color="grey", lw=0.8, ls=":")
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("attractors between subject and verb")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{name}: natural test sentences by training lever")
+    ax.legend(fontsize=8)
+    save_figure(fig, out / "agreement_levers.png")
+
+
+if __name__ == "__main__":
+    main()
