@@ -82,7 +82,7 @@ def stream_perplexity(model: RNNModel, data: torch.Tensor, bptt: int) -> float:
 @dataclass
 class Paths:
     prepared: Path
-    train_text: Path  # original + synthetic sentences (the augment stage)
+    train_text: Path  # original + synthetic sentences (the augment and augment_syntax stages)
     model_dir: Path
     checkpoint: Path
     metrics: Path
@@ -99,7 +99,7 @@ class Paths:
     def for_model(cls, params: Params, name: str) -> "Paths":
         return cls(
             prepared=Path(params.prepare.out),
-            train_text=Path(params.augment.out) / f"train_{name}.txt",
+            train_text=Path(params.syntax.out) / f"train_{name}.txt",
             model_dir=Path("models") / name,
             checkpoint=Path("checkpoints") / name / "last.pt",
             metrics=Path("metrics") / f"train_{name}.json",
@@ -201,7 +201,7 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
 
     vocab = Vocab.load(paths.prepared / "vocab.txt")
     if not paths.train_text.is_file():
-        raise FileNotFoundError(f"{paths.train_text}: training text missing; run `agreelens augment` "
+        raise FileNotFoundError(f"{paths.train_text}: training text missing; run `agreelens augment-syntax` "
                                 "(it writes the original text alone when augment.enabled is false) or `dvc repro`")
     lines = read_split(paths.train_text)
     stream = SentenceStream(vocab, lines)

@@ -11,6 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from agreelens.augment import run_augment
+from agreelens.syntax import run_augment_syntax
 from agreelens.config import load_params
 from agreelens.corpus import prepare
 from agreelens.distributed import World
@@ -24,10 +25,12 @@ def _setup(project, dropout=0.0, **train):
     tiny["model"]["dropout"] = dropout
     tiny["train"].update({"amp": False, "na_stimuli": "", **train})
     tiny["augment"] = {"enabled": False}
+    tiny["syntax"] = {"enabled": False}
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
     params = load_params(project / "params.yaml")
     prepare(params)
     run_augment(params, progress=False)
+    run_augment_syntax(params)
 
 
 def _torchrun(args, cwd, env=None, check=True):
@@ -43,7 +46,7 @@ def _torchrun(args, cwd, env=None, check=True):
 
 def _clone(project, tmp_path_factory, name):
     other = tmp_path_factory.mktemp(name)
-    for item in ("params.yaml", "prepared", "augmented"):
+    for item in ("params.yaml", "prepared", "augmented", "syntax"):
         os.symlink(project / item, other / item)
     return other
 

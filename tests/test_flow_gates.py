@@ -1,5 +1,6 @@
 """The pipeline flow's order, quality gates and artifacts, with the library functions replaced by stand-ins
-that record their calls (seconds): prepare → gate raw → fine-tune MLM → augment → gate augmented → train
+that record their calls (seconds): prepare → natural benchmark → gate raw → fine-tune MLM → augment → gate augmented → parse → syntax
+augmentation → gate syntax → train
 → evaluate → inside → register; a failing gate fails the run, names its report and stops everything
 after it. Runs against a real Prefect server (fixture ``prefect_server``)."""
 
@@ -14,8 +15,8 @@ from tests.conftest import ROOT
 
 pytest.importorskip("prefect")
 
-EXPECTED = ["restore", "prepare", "stimuli", "validate:raw", "finetune", "augment", "validate:augmented",
-            "train:small", "train:large", "evaluate", "evaluate_na:small", "evaluate_na:large",
+EXPECTED = ["restore", "prepare", "stimuli", "natural", "validate:raw", "finetune", "augment", "validate:augmented",
+            "parse", "augment_syntax", "validate:syntax", "train:small", "train:large", "evaluate", "evaluate_na:small", "evaluate_na:large",
             "calibrate:small", "calibrate:large", "table6",
             "sweep:small", "sweep:large", "units:small", "units:large", "probe:small", "probe:large", "report",
             "register:small", "register:large"]
@@ -36,10 +37,12 @@ def stand_ins(tmp_path, monkeypatch):
     import agreelens.evaluate
     import agreelens.figures
     import agreelens.na
+    import agreelens.natural
     import agreelens.probe
     import agreelens.quality
     import agreelens.registry
     import agreelens.report
+    import agreelens.syntax
     import agreelens.train
 
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
@@ -92,6 +95,9 @@ def stand_ins(tmp_path, monkeypatch):
         (agreelens.quality, "validate", validate),
         (agreelens.augment, "run_finetune", rec("finetune", mlm)),
         (agreelens.augment, "run_augment", rec("augment", aug)),
+        (agreelens.natural, "build", rec("natural", {})),
+        (agreelens.syntax, "run_parse", rec("parse", {})),
+        (agreelens.syntax, "run_augment_syntax", rec("augment_syntax", {})),
         (agreelens.train, "train", rec("train", {"best_valid_ppl": 50.0, "epochs": 1, "tokens_per_second": 100})),
         (agreelens.evaluate, "evaluate", rec("evaluate", {})),
         (agreelens.na, "evaluate_na", rec("evaluate_na", {"accuracy": 0.5})),
@@ -134,7 +140,7 @@ def test_pipeline_order_gates_and_artifacts(stand_ins, prefect_api):
     calls, _ = stand_ins
     result = pipeline("params.yaml", "tiny", register=True)
     assert calls == EXPECTED
-    assert result["quality"] == {"raw": True, "augmented": True}
+    assert result["quality"] == {"raw": True, "augmented": True, "syntax": True}
     assert result["augment"]["augment"]["models"]["large"]["synthetic"] == 38
     assert result["na"] == {"small": 0.5, "large": 0.5} and result["units"]["large"]["number_units"] == [3]
     art = _artifacts(["quality-raw", "quality-augmented", "augmentation", "probe"])

@@ -29,7 +29,7 @@ def test_prefect_pipeline_tiny_profile_end_to_end(tmp_path):
     result = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert set(result["na"]) == {"small", "large"} and all(0 <= a <= 1 for a in result["na"].values())
     assert {d["alias"] for d in result["registry"].values()} == {"champion"}
-    assert result["quality"] == {"raw": True, "augmented": True}  # both gates ran and passed
+    assert result["quality"] == {"raw": True, "augmented": True, "syntax": True}  # every gate ran and passed
     for path in ("reports/quality/raw.md", "reports/quality/augmented.md", "models/mlm/config.json",
                  "augmented/pairs.tsv", "augmented/train_large.txt", "metrics/augment.json", "metrics/eval.json",
                  "metrics/na_large.json", "metrics/units_small.json", "metrics/probe_large.json",

@@ -7,6 +7,7 @@ import yaml
 from safetensors.torch import load_file
 
 from agreelens.augment import run_augment
+from agreelens.syntax import run_augment_syntax
 from agreelens.config import load_params
 from agreelens.corpus import prepare
 from agreelens.train import SentenceStream, batchify, train
@@ -46,10 +47,12 @@ def _tiny(project, **train_overrides):
     raw["profile"] = "tiny"
     raw["profiles"]["tiny"]["train"].update(train_overrides)
     raw["profiles"]["tiny"]["augment"] = {"enabled": False}  # the original text only: no masked LM needed
+    raw["profiles"]["tiny"]["syntax"] = {"enabled": False}  # ... and no parser
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
     params = load_params(project / "params.yaml")
     prepare(params)
     run_augment(params, progress=False)
+    run_augment_syntax(params)
     return params
 
 
@@ -68,7 +71,7 @@ def test_tiny_training_lowers_perplexity(project):
 def test_resume_after_kill_9_ends_identical_to_uninterrupted(project, tmp_path_factory):
     _tiny(project, max_steps=30, checkpoint_every=10, evals_per_epoch=40)
     clean = tmp_path_factory.mktemp("clean")
-    for item in ("params.yaml", "prepared", "augmented"):
+    for item in ("params.yaml", "prepared", "augmented", "syntax"):
         os.symlink(project / item, clean / item)
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
 
