@@ -12,6 +12,11 @@
 # debootstrap, built with buildah:
 #   buildah bud --isolation chroot --format docker --build-arg BASE_IMAGE=localhost/agreelens-base --target service .
 #
+# Build context: this checkout, or a staging folder of the same layout (`CONTAINER_MODEL=tiny make container-test`
+# stages one with a tiny model under models/large). What the images read is copied into a throwaway stage,
+# set to root:root (service) or agreelens (worker) with 0644 files / 0755 directories there, and copied on
+# from it: the modes and owners of the checkout (a umask-077 clone, a model saved 0600) never reach an image.
+#
 # torch: a CPU wheel torch-2.13.0+cpu-cp311-*.whl in docker/wheels/ (the test script copies it there from
 # PIP_FIND_LINKS / /opt/wheels) is installed; without one, torch==2.13.0+cpu comes from TORCH_INDEX_URL
 # (PyTorch's CPU index). Either way the build fails if any nvidia-* / triton wheel or a CUDA torch got in.
@@ -59,34 +64,55 @@ RUN set -eu; [ -z "$PIP_CA_BUNDLE" ] || export PIP_CERT="$PIP_CA_BUNDLE"; \
     rm -rf /tmp/pins
 
 # ------------------------------------------------------------------------------------------- worker deps
-FROM torch AS worker-deps
+# on top of the service's environment (one shared pip layer): the rest of pyproject's dependencies (a layer that
+# changes with pyproject.toml and the pins only), then the package itself without dependencies
+FROM service-deps AS worker-deps
 ARG PIP_CA_BUNDLE=
 COPY docker/pins/ /tmp/pins/
-COPY pyproject.toml README.md /tmp/src/
-COPY agreelens/ /tmp/src/agreelens/
+COPY pyproject.toml /tmp/src/
 RUN set -eu; [ -z "$PIP_CA_BUNDLE" ] || export PIP_CERT="$PIP_CA_BUNDLE"; \
     touch /tmp/pins/constraints.txt; \
-    pip install -c /tmp/pins/constraints.txt /tmp/src; \
+    python -c "import tomllib; d = tomllib.load(open('/tmp/src/pyproject.toml', 'rb')); print('\n'.join(d['project']['dependencies']))" >/tmp/pins/worker.txt; \
+    pip install -c /tmp/pins/constraints.txt -r /tmp/pins/worker.txt; \
     bad=$(pip list 2>/dev/null | grep -iE '^(nvidia-|triton)' | grep -iv '^nvidia-ml-py' || true); \
     if [ -n "$bad" ]; then echo "error: CUDA wheels in the image (torch must stay CPU): $bad"; exit 1; fi; \
     python -c "import torch; assert torch.__version__.startswith('2.13.0') and torch.version.cuda is None, torch.__version__; print('torch', torch.__version__, 'CPU')"; \
-    rm -rf /tmp/pins /tmp/src
+    rm -rf /tmp/pins
+COPY README.md /tmp/src/
+COPY agreelens/ /tmp/src/agreelens/
+RUN set -eu; [ -z "$PIP_CA_BUNDLE" ] || export PIP_CERT="$PIP_CA_BUNDLE"; \
+    pip install --no-deps /tmp/src; rm -rf /tmp/src
+
+# ------------------------------------------------------------------------------------------- sources, model
+# Throwaway stages: the files as the images get them, 0644 / 0755 whatever the checkout's modes
+FROM base AS src
+WORKDIR /src
+COPY pyproject.toml README.md params.yaml dvc.yaml dvc.lock data.dvc .dvcignore ./
+COPY .dvc/config .dvc/config
+COPY agreelens/ agreelens/
+COPY flows/ flows/
+COPY corpora/ corpora/
+COPY services/service.py services/page.html services/
+COPY docker/worker-entrypoint.sh /opt/agreelens-worker
+# no git in the worker image: DVC without SCM there (a mounted checkout with .git hides this file)
+RUN printf '[core]\n    no_scm = true\n' > .dvc/config.local \
+ && chown -R root:root /src /opt/agreelens-worker && chmod -R u=rwX,go=rX /src && chmod 0755 /opt/agreelens-worker
+
+FROM base AS model
+WORKDIR /model
+COPY models/large/ models/large/
+COPY metrics/calibration_large.json metrics/units_large.json metrics/
+RUN chown -R root:root /model && chmod -R u=rwX,go=rX /model
 
 # ------------------------------------------------------------------------------------------- worker
 # The project skeleton (code, params, dvc.yaml/lock, the committed corpora) in /app, owned by the user, so
 # `dvc repro` runs inside the image; or mount a checkout over it: -v "$PWD":/app (with --user "$(id -u)").
 FROM base AS worker
 COPY --from=worker-deps /opt/venv /opt/venv
-COPY docker/worker-entrypoint.sh /usr/local/bin/agreelens-worker
+COPY --from=src /opt/agreelens-worker /usr/local/bin/agreelens-worker
 WORKDIR /app
-COPY --chown=agreelens:agreelens pyproject.toml README.md params.yaml dvc.yaml dvc.lock data.dvc .dvcignore ./
-COPY --chown=agreelens:agreelens .dvc/config .dvc/config
-COPY --chown=agreelens:agreelens agreelens/ agreelens/
-COPY --chown=agreelens:agreelens flows/ flows/
-COPY --chown=agreelens:agreelens corpora/ corpora/
-# no git in the image: DVC without SCM here (a mounted checkout with .git hides this file)
-RUN printf '[core]\n    no_scm = true\n' > .dvc/config.local && chown agreelens:agreelens /app /app/.dvc/config.local \
- && chmod 0755 /usr/local/bin/agreelens-worker
+COPY --from=src --chown=agreelens:agreelens /src/ /app/
+RUN chown agreelens:agreelens /app
 # /app first on the path: `agreelens` (dvc.yaml's stage commands) and flows/ run the code in /app, which is
 # a mounted checkout's own code when one is mounted there
 ENV PYTHONPATH=/app
@@ -100,11 +126,11 @@ CMD ["--help"]
 FROM base AS service
 COPY --from=service-deps /opt/venv /opt/venv
 WORKDIR /app
-COPY params.yaml ./
-COPY agreelens/*.py agreelens/
-COPY services/service.py services/page.html services/
-COPY models/large/ models/large/
-COPY metrics/calibration_large.json metrics/units_large.json metrics/
+# read-only for the service user: root:root, 0644 files, 0755 directories (set in the src and model stages)
+COPY --from=src /src/params.yaml ./
+COPY --from=src /src/agreelens/ agreelens/
+COPY --from=src /src/services/ services/
+COPY --from=model /model/ ./
 # MLflow's HTTP defaults (7 retries, backoff factor 2, 120 s timeout) hold the start ~4 min when the registry
 # is down before the fallback; these bound it to seconds (override with -e)
 ENV AGREELENS_PROJECT=/app BENTOML_HOME=/home/agreelens/bentoml \

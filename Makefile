@@ -13,7 +13,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 
-.PHONY: run test install data repro report bench clean services services-stop container-test
+.PHONY: run test install data repro report bench clean services services-stop container-test container-test-tiny
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -52,10 +52,15 @@ services: install
 services-stop:
 	bash scripts/services.sh stop
 
-# service image (Dockerfile) on a local debootstrap base with buildah, run on loopback and checked; timings at the end
-# (CONTAINER_TEST_REGISTRY=1: also pull the model from a throwaway MLflow registry); see scripts/container-test.sh
+# service and worker images (Dockerfile) on a local debootstrap base with buildah, run on loopback and checked;
+# timings at the end (CONTAINER_TEST_REGISTRY=1: also pull the model from a throwaway MLflow registry); see
+# scripts/container-test.sh. container-test serves the checkout's models/large (`make run` first);
+# container-test-tiny a tiny-profile model trained in seconds in a scratch folder (what CI runs as root)
 container-test:
 	bash scripts/container-test.sh
+
+container-test-tiny: install
+	CONTAINER_MODEL=tiny bash scripts/container-test.sh
 
 clean:
 	rm -rf prepared models checkpoints metrics plots reports/figures
