@@ -55,13 +55,14 @@ def _augmentation(names: list[str], metrics: Path, reports: Path) -> list[str]:
             *_safety(reports)]
 
 
-def _study(reports: Path, name: str, title: str, note: str) -> list[str]:
-    """A study a bench script writes to ``reports/<name>/<name>.{md,png}``, when it has been run."""
-    md = reports / name / f"{name}.md"
+def _study(reports: Path, name: str, title: str, note: str, folder: str = "") -> list[str]:
+    """A study a bench script writes to ``reports/<folder>/<name>/<name>.{md,png}``, when it has been run."""
+    rel = f"{folder}/{name}" if folder else name
+    md = reports / rel / f"{name}.md"
     if not md.is_file():
         return []
     return [f"### {title}", "", f"`python bench/{name}.py` (not part of `dvc repro`: {note}):", "",
-            md.read_text().strip(), "", f"![{name}]({name}/{name}.png)", ""]
+            md.read_text().strip(), "", f"![{name}]({rel}/{name}.png)", ""]
 
 
 def _safety(reports: Path) -> list[str]:
@@ -137,8 +138,8 @@ def build(names: list[str], metrics: str | Path = "metrics", out: str | Path = "
     t6 = table6(names, metrics, out=None)
     parts += ["## Table 6: perplexity and NA accuracy", "", t6.split("\n\n", 2)[2].strip(), ""]
     parts += _natural(names, metrics, out.parent)
-    parts += _study(out.parent, "agreement_margin", "The agreement margin loss, on vs off, NA verbs held out",
-                    "it trains two or three more models")
+    parts += _study(out.parent, "agreement_levers", "Training levers on/off: plain LM, margin loss, syntax-aware "
+                    "augmentation", "it trains a model per arm", folder="studies")
     parts += _augmentation(names, metrics, out.parent)
 
     parts += ["## Number units (ablation sweep)", "",

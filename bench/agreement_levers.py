@@ -75,8 +75,11 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--retrain", action="store_true", help="train every arm (default: reuse the pipeline's model)")
     ap.add_argument("--reuse", action="store_true", help="take the models a previous run left in --work")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for training (0: train.threads)")
     args = ap.parse_args()
     params = load_params(args.params)
+    if args.threads:  # a speed setting: under a busy CPU one thread avoids OpenMP spin-waits
+        params = params.model_copy(update={"train": params.train.model_copy(update={"threads": args.threads})})
     name, out = args.model, Path(args.out)
     results = {}
     for arm in args.arms.split(","):
