@@ -24,7 +24,7 @@
 # other package to the versions the tests ran with; without it pip takes the newest that fit.
 # PIP_CA_BUNDLE: a CA bundle path for pip inside the build (a TLS-intercepting proxy), e.g. with buildah
 #   -v /etc/ssl/certs/ca-certificates.crt:/etc/pip-ca.crt:ro --build-arg PIP_CA_BUNDLE=/etc/pip-ca.crt
-# (only the build stages use it; the final images hold just /opt/venv from them).
+# (a build-time mount: the file is never stored in an image).
 ARG BASE_IMAGE=python:3.11-slim
 
 # ------------------------------------------------------------------------------------------- base
@@ -107,8 +107,8 @@ RUN chown -R root:root /model && chmod -R u=rwX,go=rX /model
 # ------------------------------------------------------------------------------------------- worker
 # The project skeleton (code, params, dvc.yaml/lock, the committed corpora) in /app, owned by the user, so
 # `dvc repro` runs inside the image; or mount a checkout over it: -v "$PWD":/app (with --user "$(id -u)").
-FROM base AS worker
-COPY --from=worker-deps /opt/venv /opt/venv
+# (on the worker-deps layers themselves: no copy of its 2.4 GB environment into a new layer)
+FROM worker-deps AS worker
 COPY --from=src /opt/agreelens-worker /usr/local/bin/agreelens-worker
 WORKDIR /app
 COPY --from=src --chown=agreelens:agreelens /src/ /app/
