@@ -118,7 +118,10 @@ def register(model_dir: str | Path, name: str, metrics: dict, tags: dict | None 
     champ_metrics = None if champ_run is None else champ_run.metrics
     eval_set = (tags or {}).get("eval_set")
     if champ_run is not None and champ_run.tags.get("eval_set") != eval_set:
-        champ_metrics = rescore(fetch(f"models:/{name}/{champ.version}")) if rescore else {}
+        try:
+            champ_metrics = rescore(fetch(f"models:/{name}/{champ.version}")) if rescore else {}
+        except (FileNotFoundError, ValueError):  # a champion without a loadable model: perplexity bound only
+            champ_metrics = {}
     promote, reason = promotion(metrics, champ_metrics, tolerance, max_ppl)
     alias = "champion" if promote else "challenger"
     client.set_registered_model_alias(name, alias, version)

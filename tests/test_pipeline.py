@@ -73,7 +73,10 @@ def test_tiny_dvc_repro_end_to_end_then_noop(clone):
     for name in ("small", "large"):  # ... and each model trains on its original text + its synthetic share
         text = (dst / "augmented" / f"train_{name}.txt").read_text().splitlines()
         assert len(text) == prep["models"][name]["sentences"] + aug["models"][name]["synthetic"]
-        assert ev[name]["train_tokens"] == aug["models"][name]["tokens"] + len(text)  # + one <eos> a sentence
+        syn = json.loads((dst / "metrics" / "syntax.json").read_text())["models"][name]  # + syntax-aware sentences
+        trained = (dst / "syntax" / f"train_{name}.txt").read_text().splitlines()
+        assert trained[: len(text)] == text and len(trained) == len(text) + syn["synthetic"]
+        assert ev[name]["train_tokens"] == syn["tokens"] + len(trained)  # + one <eos> a sentence
     assert 0 < aug["models"]["small"]["synthetic"] < aug["models"]["large"]["synthetic"]
     assert json.loads((dst / "metrics" / "mlm.json").read_text())["steps"] == 2
     for suite in ("raw", "augmented"):  # the data-quality gates ran before training and passed
