@@ -1,4 +1,4 @@
-"""Probing classifiers on frozen LSTM states (GitHub issue 3, item 4).
+"""Probing classifiers on frozen LSTM states.
 
 - (a) Grammaticality probe: each NA sentence (``sentence_good`` = 1, ``sentence_bad`` = 0) is traced
   primed with ``<eos>``; its features are both layers' hidden states concatenated, ``[h_L1; h_L2]``
