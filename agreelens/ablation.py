@@ -29,7 +29,7 @@ from tqdm import tqdm
 from agreelens.files import write_text
 from agreelens.scoring import group_key, has_prefix_fields, read_pairs
 from agreelens.text import tokenize
-from agreelens.trace import cell, layer_weights, lstm_of, split_mask, unit_mask
+from agreelens.trace import cell, layer_weights, lstm_of, lstm_step, split_mask, unit_mask
 from agreelens.vocab import Vocab
 
 THRESHOLD = 10.0  # accuracy points: a smaller drop is "-" in Table 7 and no number unit
@@ -238,15 +238,8 @@ class Runner:
         else:
             gates = hp.reshape(n * k_masks, hsz) @ w_hh.T
             gates.view(n, k_masks, -1).add_(gx)
-        gates[:, : 2 * hsz].sigmoid_()  # i, f
-        gates[:, 2 * hsz : 3 * hsz].tanh_()  # g
-        gates[:, 3 * hsz :].sigmoid_()  # o
-        i, f, g, o = (t.view(n, k_masks, hsz) for t in gates.chunk(4, dim=1))
-        if cp is None:
-            torch.mul(i, g, out=c_out)
-        else:
-            torch.mul(f, cp, out=c_out).addcmul_(i, g)
-        torch.tanh(c_out, out=h_out).mul_(o).mul_(m)
+        lstm_step(gates.view(n, k_masks, -1), cp, out=(c_out, h_out))
+        h_out.mul_(m)
 
 
 def _device(model: nn.Module) -> torch.device:

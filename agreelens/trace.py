@@ -107,6 +107,32 @@ def split_mask(mask: torch.Tensor | None, hidden_size: int, layers: int) -> list
 # ---------------------------------------------------------------------------------------- running
 
 
+def lstm_step(gates: torch.Tensor, c: torch.Tensor | None = None,
+              patch: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+              out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+    """The LSTM cell update, the one place the gate nonlinearities are computed.
+
+    ``gates`` (..., 4H): the pre-activations ``x W_ih^T + b_ih + h W_hh^T + b_hh`` in gate order i, f, g, o;
+    a fresh tensor, overwritten in place by the activations. ``c`` (..., H): the previous cell (None =
+    zeros). ``patch(kind, value)`` may replace each activation. ``out``: ``(c, h)`` tensors to write the new
+    cell and hidden state into. Returns ``(i, f, g, o, c, h)``, h unmasked."""
+    n = gates.size(-1) // 4
+    gates[..., : 2 * n].sigmoid_()  # i, f
+    gates[..., 2 * n : 3 * n].tanh_()  # g
+    gates[..., 3 * n :].sigmoid_()  # o
+    i, f, g, o = gates.chunk(4, dim=-1)
+    if patch is not None:
+        i, f, g, o = patch("i", i), patch("f", f), patch("g", g), patch("o", o)
+    c_out, h_out = (None, None) if out is None else out
+    c = torch.mul(i, g, out=c_out) if c is None else torch.mul(f, c, out=c_out).addcmul_(i, g)
+    if patch is not None:
+        c = patch("c", c)
+    h = torch.tanh(c, out=h_out).mul_(o)
+    if patch is not None:
+        h = patch("h", h)
+    return i, f, g, o, c, h
+
+
 def cell(gx: torch.Tensor, h: torch.Tensor | None, c: torch.Tensor | None, w_hh: torch.Tensor,
          patch: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
     """One LSTM step. ``gx``: the input part of the gates (x W_ih^T + b_ih + b_hh); ``h``: the previous
@@ -116,20 +142,7 @@ def cell(gx: torch.Tensor, h: torch.Tensor | None, c: torch.Tensor | None, w_hh:
         gates = gx.clone()
     else:
         gates = (h.reshape(-1, h.size(-1)) @ w_hh.T).view(*h.shape[:-1], -1) + gx
-    n = gates.size(-1) // 4
-    gates[..., : 2 * n].sigmoid_()  # in place, on a fresh tensor: i, f
-    gates[..., 2 * n : 3 * n].tanh_()  # g
-    gates[..., 3 * n :].sigmoid_()  # o
-    i, f, g, o = gates.chunk(4, dim=-1)
-    if patch is not None:
-        i, f, g, o = patch("i", i), patch("f", f), patch("g", g), patch("o", o)
-    c = i * g if c is None else torch.addcmul(f * c, i, g)
-    if patch is not None:
-        c = patch("c", c)
-    h = o * c.tanh()
-    if patch is not None:
-        h = patch("h", h)
-    return i, f, g, o, c, h
+    return lstm_step(gates, c, patch)
 
 
 def run_layer(model: nn.Module, layer: int, x: torch.Tensor, h0: torch.Tensor | None = None,
