@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from agreelens.files import write_text
-from agreelens.scoring import group_key, has_prefix_fields, read_pairs
+from agreelens.scoring import group_key, has_prefix_fields, prefix_trie, read_pairs
 from agreelens.text import tokenize
 from agreelens.trace import cell, layer_weights, lstm_of, lstm_step, split_mask, unit_mask
 from agreelens.vocab import Vocab
@@ -65,10 +65,8 @@ class Plan:
 
 def plan_pairs(vocab: Vocab, pairs: list[dict], device=None) -> Plan:
     """Trie of ``<eos> + prefix`` for every pair whose two verbs are single in-vocabulary tokens."""
-    tokens: list[list[int]] = []
-    parents: list[list[int]] = []
-    index: dict[tuple[int, int, int], int] = {}
-    ends: dict[int, list[tuple[int, int, int, int]]] = {}  # depth -> (pair, node, good, bad)
+    seqs: list[list[int]] = []
+    verbs: list[tuple[int, int, int]] = []  # (pair, good, bad) of each sequence
     scored = torch.zeros(len(pairs), dtype=torch.bool)
     for p, pair in enumerate(pairs):
         if not has_prefix_fields(pair):
@@ -79,19 +77,12 @@ def plan_pairs(vocab: Vocab, pairs: list[dict], device=None) -> Plan:
         if good[0] not in vocab.stoi or bad[0] not in vocab.stoi:
             continue
         scored[p] = True
-        node = -1
-        seq = [vocab.eos, *vocab.encode(tokenize(pair["one_prefix_prefix"]))]
-        for d, tok in enumerate(seq):
-            if d == len(tokens):
-                tokens.append([])
-                parents.append([])
-            child = index.get((d, node, tok))
-            if child is None:
-                child = index[(d, node, tok)] = len(tokens[d])
-                tokens[d].append(tok)
-                parents[d].append(node)
-            node = child
-        ends.setdefault(len(seq) - 1, []).append((p, node, vocab.stoi[good[0]], vocab.stoi[bad[0]]))
+        seqs.append([vocab.eos, *vocab.encode(tokenize(pair["one_prefix_prefix"]))])
+        verbs.append((p, vocab.stoi[good[0]], vocab.stoi[bad[0]]))
+    tokens, parents, leaves = prefix_trie(seqs)
+    ends: dict[int, list[tuple[int, int, int, int]]] = {}  # depth -> (pair, node, good, bad)
+    for seq, node, (p, g, b) in zip(seqs, leaves, verbs):
+        ends.setdefault(len(seq) - 1, []).append((p, node, g, b))
 
     def t(x):
         return torch.tensor(x, dtype=torch.long, device=device)

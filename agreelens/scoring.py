@@ -214,6 +214,31 @@ def _cat(parts: list):
     return tuple(torch.cat(hs, dim=1) for hs in zip(*parts))
 
 
+def prefix_trie(seqs: list[list[int]]) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    """The prefix trie of token sequences, depth by depth: ``(tokens, parents, leaves)``. ``tokens[d]``
+    holds the token of each node at depth d, ``parents[d]`` each node's parent index at depth d - 1 (-1
+    at depth 0), ``leaves[k]`` the index of the node (at depth ``len(seqs[k]) - 1``) where sequence k
+    ends. Sequences that begin alike share the nodes of their common beginning."""
+    tokens: list[list[int]] = []
+    parents: list[list[int]] = []
+    index: dict[tuple[int, int, int], int] = {}  # (depth, parent, token) -> node
+    leaves = [0] * len(seqs)
+    for k, seq in enumerate(seqs):
+        node = -1
+        for d, tok in enumerate(seq):
+            if d == len(tokens):
+                tokens.append([])
+                parents.append([])
+            child = index.get((d, node, tok))
+            if child is None:
+                child = index[(d, node, tok)] = len(tokens[d])
+                tokens[d].append(tok)
+                parents[d].append(node)
+            node = child
+        leaves[k] = node
+    return tokens, parents, leaves
+
+
 def _score_fast(model, seqs, targets, batch_size, pad, device) -> torch.Tensor:
     """log P(good) - log P(bad) after each prefix, read at the prefix's last position.
 
@@ -223,26 +248,8 @@ def _score_fast(model, seqs, targets, batch_size, pad, device) -> torch.Tensor:
     so this equals running every prefix on its own, with 4x fewer LSTM steps on the NA stimuli.
     """
     del pad  # no padding: a depth of the trie is a batch of equal-length prefixes
-    n = len(seqs)
-    out = torch.empty(n, dtype=torch.float64)
-    tokens: list[list[int]] = []  # per depth: the token of each node
-    parents: list[list[int]] = []  # per depth: the parent's index at the previous depth
-    index: dict[tuple[int, int, int], int] = {}
-    leaf = [0] * n
-    for k, seq in enumerate(seqs):
-        node = -1
-        for d, tok in enumerate(seq):
-            if d == len(tokens):
-                tokens.append([])
-                parents.append([])
-            key = (d, node, tok)
-            child = index.get(key)
-            if child is None:
-                child = index[key] = len(tokens[d])
-                tokens[d].append(tok)
-                parents[d].append(node)
-            node = child
-        leaf[k] = node
+    out = torch.empty(len(seqs), dtype=torch.float64)
+    tokens, parents, leaf = prefix_trie(seqs)
     ending: dict[int, list[int]] = {}  # depth -> the pairs whose prefix ends there
     for k, seq in enumerate(seqs):
         ending.setdefault(len(seq) - 1, []).append(k)

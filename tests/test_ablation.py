@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 
-from agreelens.ablation import ablate, plot_sweep, sweep, table7_rows, verb_margins
+from agreelens.ablation import ablate, plan_pairs, plot_sweep, sweep, table7_rows, verb_margins
 from agreelens.config import ModelConfig
 from agreelens.model import RNNModel, save_model
-from agreelens.scoring import pair_margins
+from agreelens.scoring import pair_margins, prefix_trie
 from agreelens.stimuli import StimuliConfig, generate, write
+from agreelens.text import tokenize
 from agreelens.trace import unit_mask
 from tests.conftest import run_cli
 from tests.models import H, planted_model, random_lstm, stimuli_vocab, zero_outgoing
@@ -67,6 +68,21 @@ def test_many_ablations_in_one_pass_equal_one_at_a_time(vocab, pairs):
         alone, _ = verb_margins(model, vocab, pairs, masks[k : k + 1])
         assert torch.allclose(together[k], alone[0], atol=1e-5)
     assert torch.allclose(together, chunked, atol=1e-5)
+
+
+def test_plan_is_the_prefix_trie_of_the_scored_pairs(vocab, pairs):
+    odd = [{**pairs[0], "one_prefix_word_good": "zebras"}, *pairs]
+    plan = plan_pairs(vocab, odd)
+    seqs = [[vocab.eos, *vocab.encode(tokenize(p["one_prefix_prefix"]))] for p in pairs]
+    tokens, parents, leaves = prefix_trie(seqs)
+    assert [t.tolist() for t in plan.tokens] == tokens
+    assert [p.tolist() for p in plan.parents] == [[], *parents[1:]]
+    assert sum(t.numel() for t in plan.tokens) < sum(map(len, seqs)) // 2  # prefixes share their beginnings
+    assert plan.scored.tolist() == [False] + [True] * len(pairs)
+    for end in plan.ends:
+        for k, node in zip(end.pairs.tolist(), end.nodes[end.inv].tolist()):
+            assert len(seqs[k - 1]) - 1 == end.depth and leaves[k - 1] == node
+    assert sorted(i for end in plan.ends for i in end.pairs.tolist()) == list(range(1, len(odd)))
 
 
 def test_oov_verbs_are_not_scored(vocab, pairs):

@@ -12,7 +12,7 @@ from torch import nn
 
 from agreelens.config import ModelConfig
 from agreelens.model import RNNModel
-from agreelens.scoring import pair_margins, read_pairs, score_pairs
+from agreelens.scoring import pair_margins, prefix_trie, read_pairs, score_pairs
 from agreelens.stimuli import StimuliConfig, generate, write
 from agreelens.text import tokenize
 from agreelens.vocab import Vocab
@@ -94,6 +94,21 @@ def local_agreement(vocab, cfg):
     for w in ids(vocab, [pl for _, pl in nouns]):
         logits[w, pl_verbs] = 2.0
     return BigramLM(logits)
+
+
+def test_prefix_trie_known_answer():
+    seqs = [[0, 5, 6], [0, 5, 7], [0, 5], [0, 8, 6], [1], [0, 5, 6]]
+    tokens, parents, leaves = prefix_trie(seqs)
+    assert tokens == [[0, 1], [5, 8], [6, 7, 6]]
+    assert parents == [[-1, -1], [0, 0], [0, 0, 1]]  # the second 6 continues 0 8, not 0 5
+    assert leaves == [0, 1, 0, 2, 1, 0]
+    for seq, leaf in zip(seqs, leaves):  # walking up from each leaf spells its sequence
+        node, spelled = leaf, []
+        for d in range(len(seq) - 1, -1, -1):
+            spelled.insert(0, tokens[d][node])
+            node = parents[d][node]
+        assert spelled == seq and node == -1
+    assert prefix_trie([]) == ([], [], [])
 
 
 @pytest.mark.parametrize("method", ["prefix", "sentence", "auto"])
