@@ -27,6 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from agreelens.files import write_text
+from agreelens.model import device_of, evaluating
 from agreelens.scoring import group_key, has_prefix_fields, prefix_trie, read_pairs
 from agreelens.text import tokenize
 from agreelens.trace import cell, layer_weights, lstm_of, lstm_step, split_mask, unit_mask
@@ -233,26 +234,17 @@ class Runner:
         h_out.mul_(m)
 
 
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def verb_margins(model: nn.Module, vocab: Vocab, pairs: list[dict], masks: torch.Tensor,
                  chunk: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """log P(good) - log P(bad) of each one-prefix pair under each unit mask: ``(margins (K, n) float64
     on the CPU, NaN where unscored; scored (n,) bool)``. ``masks`` (K, layers*H), 0 = ablated; ``chunk``
     masks run per pass."""
-    device = _device(model)
+    device = device_of(model)
     plan = plan_pairs(vocab, pairs, device)
     masks = masks.to(device=device, dtype=torch.float32).reshape(-1, masks.size(-1))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            runner = Runner(model, plan)
-            margins = torch.cat([runner.margins(mk) for mk in masks.split(chunk)])
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        runner = Runner(model, plan)
+        margins = torch.cat([runner.margins(mk) for mk in masks.split(chunk)])
     return margins, plan.scored
 
 
@@ -375,28 +367,23 @@ def sweep_part(model: nn.Module, vocab: Vocab, pairs: list[dict], chunks: list[l
     pairs = _sweep_pairs(pairs, constructions)
     rnn = lstm_of(model)
     hsz, layers = rnn.hidden_size, rnn.num_layers
-    device = _device(model)
+    device = device_of(model)
     plan = plan_pairs(vocab, pairs, device)
     rows, done = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            runner = Runner(model, plan)
-            base = runner.margins(torch.ones(1, layers * hsz, device=device)) if full else None
-            bar = tqdm(total=sum(len(c) for c in chunks), desc="sweep", unit="unit", disable=not progress,
-                       dynamic_ncols=True, mininterval=1.0)
-            for batch in chunks:
-                if len({(u - 1) // hsz for u in batch}) != 1 or not 1 <= min(batch) <= max(batch) <= layers * hsz:
-                    raise ValueError(f"a sweep chunk must hold units of one layer (1..{layers * hsz}): {batch}")
-                masks = torch.ones(len(batch), layers * hsz, device=device)
-                masks[torch.arange(len(batch)), torch.tensor(batch) - 1] = 0.0
-                rows.append(runner.margins(masks))
-                done += batch
-                bar.update(len(batch))
-            bar.close()
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        runner = Runner(model, plan)
+        base = runner.margins(torch.ones(1, layers * hsz, device=device)) if full else None
+        bar = tqdm(total=sum(len(c) for c in chunks), desc="sweep", unit="unit", disable=not progress,
+                   dynamic_ncols=True, mininterval=1.0)
+        for batch in chunks:
+            if len({(u - 1) // hsz for u in batch}) != 1 or not 1 <= min(batch) <= max(batch) <= layers * hsz:
+                raise ValueError(f"a sweep chunk must hold units of one layer (1..{layers * hsz}): {batch}")
+            masks = torch.ones(len(batch), layers * hsz, device=device)
+            masks[torch.arange(len(batch)), torch.tensor(batch) - 1] = 0.0
+            rows.append(runner.margins(masks))
+            done += batch
+            bar.update(len(batch))
+        bar.close()
     keys, acc, n = group_accuracy(pairs, torch.cat(rows), plan.scored) if rows else (None, None, None)
     if full:
         keys, base_acc, n = group_accuracy(pairs, base, plan.scored)
@@ -463,7 +450,7 @@ def sweep(model: nn.Module, vocab: Vocab, pairs: list[dict], constructions: list
     pass (0: :func:`resolve_chunk`'s default for the model's device)."""
     t0 = time.perf_counter()
     rnn = lstm_of(model)
-    chunk = resolve_chunk(chunk, rnn.hidden_size, _device(model))
+    chunk = resolve_chunk(chunk, rnn.hidden_size, device_of(model))
     part = sweep_part(model, vocab, pairs, sweep_chunks(rnn.hidden_size, rnn.num_layers, chunk), constructions,
                       full=True, progress=progress)
     return merge_sweep([part], threshold, seconds=time.perf_counter() - t0)

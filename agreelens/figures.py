@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from agreelens.model import device_of, evaluating  # noqa: E402
 from agreelens.plots import save_figure  # noqa: E402
 from agreelens.text import tokenize  # noqa: E402
 from agreelens.trace import trace, unit_to_layer_index  # noqa: E402
@@ -27,7 +28,6 @@ GATES = ("i", "f", "o")
 GATE_NAMES = {"i": "input gate", "f": "forget gate", "o": "output gate"}
 
 
-@torch.inference_mode()
 def unit_dynamics(model, vocab: Vocab, pairs: list[dict], units: list[int]) -> dict:
     """Mean c, h, i, f of each unit at every word of the nounpp sentences, per condition.
 
@@ -48,11 +48,9 @@ def unit_dynamics(model, vocab: Vocab, pairs: list[dict], units: list[int]) -> d
     lengths = {len(s) for seqs in by_cond.values() for s in seqs}
     if len(lengths) != 1:
         raise ValueError(f"nounpp sentences must share one template length, got lengths {sorted(lengths)}")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
+    device = device_of(model)
     out: dict = {"words": words, "units": {u: {} for u in units}, "n": {}}
-    try:
+    with evaluating(model):
         for cond in sorted(by_cond, key=list(STYLE).index):
             ids = torch.tensor(by_cond[cond], device=device).t()  # (T, B)
             tr = trace(model, ids)
@@ -62,8 +60,6 @@ def unit_dynamics(model, vocab: Vocab, pairs: list[dict], units: list[int]) -> d
                 # position 0 is the <eos> primer: keep the words only
                 out["units"][u][cond] = {k: getattr(tr, k)[layer - 1, 1:, :, idx].float().mean(1).tolist()
                                          for k, _ in PANELS}
-    finally:
-        model.train(was_training)
     return out
 
 
@@ -89,19 +85,16 @@ def plot_unit_dynamics(dyn: dict, path: str | Path, title: str = "") -> Path:
     return save_figure(fig, path, title)
 
 
-@torch.inference_mode()
 def gate_saturation(model, ids: torch.Tensor, low: float = 0.1, high: float = 0.9,
                     bptt: int = 35) -> dict[str, torch.Tensor]:
     """Karpathy et al. (2015): per gate, layer and unit, the fraction of time steps the gate is
     left-saturated (< ``low``) and right-saturated (> ``high``) on a (T, B) stream, run in ``bptt``
     chunks with the state carried over. Returns ``{"i": (2, layers, H), ...}`` (row 0 left, 1 right)."""
-    device = next(model.parameters()).device
+    device = device_of(model)
     rnn = model.rnn
-    counts = {g: torch.zeros(2, rnn.num_layers, rnn.hidden_size, dtype=torch.float64) for g in GATES}
-    total, hidden = 0, None
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
+        counts = {g: torch.zeros(2, rnn.num_layers, rnn.hidden_size, dtype=torch.float64) for g in GATES}
+        total, hidden = 0, None
         for start in range(0, ids.size(0), bptt):
             chunk = ids[start : start + bptt].to(device)
             tr = trace(model, chunk, hidden)
@@ -111,9 +104,7 @@ def gate_saturation(model, ids: torch.Tensor, low: float = 0.1, high: float = 0.
                 counts[g][0] += (v < low).sum((1, 2)).double().cpu()
                 counts[g][1] += (v > high).sum((1, 2)).double().cpu()
             total += chunk.numel()
-    finally:
-        model.train(was_training)
-    return {g: (c / max(total, 1)).float() for g, c in counts.items()}
+        return {g: (c / max(total, 1)).float() for g, c in counts.items()}
 
 
 def plot_gate_saturation(sat: dict[str, torch.Tensor], path: str | Path, highlight: list[int] | None = None,

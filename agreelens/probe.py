@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from agreelens.model import device_of, evaluating  # noqa: E402
 from agreelens.plots import save_figure  # noqa: E402
 from agreelens.text import tokenize  # noqa: E402
 from agreelens.trace import trace  # noqa: E402
@@ -52,13 +53,12 @@ def split_pairs(pairs: list[dict], heldout: float, seed: int) -> torch.Tensor:
     return torch.tensor([(p.get("construction", ""), str(p["pairID"])) in out_keys for p in pairs], dtype=torch.bool)
 
 
-@torch.inference_mode()
 def sentence_states(model, vocab, sentences: list[str], pooled: bool, progress: bool = False):
     """Trace ``<eos> + words`` of each sentence, grouped by length (no padding).
 
     ``pooled``: (n, layers*H), the max over words of ``[h_L1; h_L2; ...]``. Otherwise (sentences of
     one length T): ``{"L1.c": (n, T, H), "L1.h": ..., "L2.c": ...}``, every word's c and h."""
-    device = next(model.parameters()).device
+    device = device_of(model)
     seqs = [[vocab.eos, *vocab.encode(tokenize(s))] for s in sentences]
     by_len: dict[int, list[int]] = {}
     for i, s in enumerate(seqs):
@@ -67,9 +67,7 @@ def sentence_states(model, vocab, sentences: list[str], pooled: bool, progress: 
         raise ValueError(f"per-position states need one sentence length, got lengths {sorted(by_len)}")
     batches = [idx[k : k + BATCH] for _, idx in sorted(by_len.items()) for k in range(0, len(idx), BATCH)]
     parts: list[tuple[list[int], object]] = []
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for idx in tqdm(batches, desc="tracing", disable=not progress, leave=False):
             tr = trace(model, torch.tensor([seqs[i] for i in idx], device=device).t())
             if pooled:  # h (layers, T, B, H) -> words only, max over time -> (B, layers*H)
@@ -77,12 +75,10 @@ def sentence_states(model, vocab, sentences: list[str], pooled: bool, progress: 
             else:
                 parts.append((idx, {f"L{k + 1}.{s}": getattr(tr, s)[k, 1:].float().transpose(0, 1)
                                     for s in STATES for k in range(tr.h.size(0))}))
-    finally:
-        model.train(was_training)
-    order = torch.tensor([i for idx, _ in parts for i in idx]).argsort().to(device)
-    if pooled:
-        return torch.cat([x for _, x in parts])[order]
-    return {name: torch.cat([x[name] for _, x in parts])[order] for name in sorted(parts[0][1])}
+        order = torch.tensor([i for idx, _ in parts for i in idx]).argsort().to(device)
+        if pooled:
+            return torch.cat([x for _, x in parts])[order]
+        return {name: torch.cat([x[name] for _, x in parts])[order] for name in sorted(parts[0][1])}
 
 
 def _standardize(x: torch.Tensor, train: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,6 @@ forward pass per batch. All under ``torch.inference_mode()`` with the model in e
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
+from agreelens.model import device_of, evaluating
 from agreelens.text import tokenize
 from agreelens.vocab import Vocab
 
@@ -96,12 +96,6 @@ def _differing(a: list[str], b: list[str]) -> list[str]:
     return a[i : len(a) - j] + b[i : len(b) - j]
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    for t in itertools.chain(model.parameters(), model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def _chunks(order: list[int], size: int):
     for i in range(0, len(order), size):
         yield order[i : i + size]
@@ -132,7 +126,7 @@ def pair_margins(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if device is not None:
         model.to(device)
-    device = _model_device(model)
+    device = device_of(model)
 
     n = len(pairs)
     margins = torch.full((n,), float("nan"), dtype=torch.float64)
@@ -183,21 +177,16 @@ def pair_margins(
                 job_seq.append([eos, *vocab.encode(sent), eos])
                 job_from.append(0)
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            if fast_idx:
-                out = _score_fast(model, fast_seq, fast_tgt, batch_size, eos, device)
-                margins[torch.tensor(fast_idx)] = out
-            if job_idx:
-                sums = _score_jobs(model, job_seq, job_from, batch_size, eos, device)
-                sums *= torch.tensor(job_sign, dtype=torch.float64)
-                idx = torch.tensor(job_idx)
-                acc = torch.zeros(n, dtype=torch.float64).index_add_(0, idx, sums)
-                margins[idx] = acc[idx]
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        if fast_idx:
+            out = _score_fast(model, fast_seq, fast_tgt, batch_size, eos, device)
+            margins[torch.tensor(fast_idx)] = out
+        if job_idx:
+            sums = _score_jobs(model, job_seq, job_from, batch_size, eos, device)
+            sums *= torch.tensor(job_sign, dtype=torch.float64)
+            idx = torch.tensor(job_idx)
+            acc = torch.zeros(n, dtype=torch.float64).index_add_(0, idx, sums)
+            margins[idx] = acc[idx]
     return margins, scored
 
 

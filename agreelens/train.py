@@ -24,7 +24,7 @@ from agreelens import tracking
 from agreelens.config import Params
 from agreelens.corpus import read_split
 from agreelens.distributed import World, wrap
-from agreelens.model import RNNModel, save_model
+from agreelens.model import RNNModel, device_of, evaluating, save_model
 from agreelens.negatives import find_verb_pairs, margin_loss, swap_table
 from agreelens.plots import plot_learning_curves
 from agreelens.vocab import Vocab
@@ -61,21 +61,18 @@ class SentenceStream:
         return torch.from_numpy(self.ids[np.arange(self.tokens) + offsets])
 
 
-@torch.inference_mode()
 def stream_perplexity(model: RNNModel, data: torch.Tensor, bptt: int) -> float:
     """Perplexity of a batchified (T, B) stream with hidden-state carry-over."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
+    device = device_of(model)
     hidden, total, count = None, 0.0, 0
-    for i in range(0, data.size(0) - 1, bptt):
-        seq = min(bptt, data.size(0) - 1 - i)
-        x = data[i : i + seq].to(device)
-        y = data[i + 1 : i + 1 + seq].to(device)
-        features, hidden = model(x, hidden)
-        total += -model.target_log_probs(features, y).double().sum().item()
-        count += y.numel()
-    model.train(was_training)
+    with evaluating(model):
+        for i in range(0, data.size(0) - 1, bptt):
+            seq = min(bptt, data.size(0) - 1 - i)
+            x = data[i : i + seq].to(device)
+            y = data[i + 1 : i + 1 + seq].to(device)
+            features, hidden = model(x, hidden)
+            total += -model.target_log_probs(features, y).double().sum().item()
+            count += y.numel()
     return math.exp(total / max(count, 1))
 
 
@@ -427,9 +424,8 @@ def _pooled(groups: list[dict]) -> float:
 def na_accuracy(model: RNNModel, vocab: Vocab, pairs: list[dict]) -> dict:
     from agreelens.scoring import score_pairs
 
-    was_training = model.training
-    r = score_pairs(model, vocab, pairs, batch_size=512)
-    model.train(was_training)
+    with evaluating(model):
+        r = score_pairs(model, vocab, pairs, batch_size=512)
     stimuli = [g for k, g in r["groups"].items() if not k.startswith("natural_")]
     out = {"na_accuracy": _pooled(stimuli), "na_nounpp": _pooled([g for k, g in r["groups"].items() if k.startswith("nounpp/")])}
     if "attractors" in r:  # natural-text dev items with >= 1 attractor

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from agreelens.config import ModelConfig
-from agreelens.model import RNNModel, load_model, save_model
+from agreelens.model import RNNModel, device_of, evaluating, load_model, save_model
 from agreelens.vocab import Vocab
 
 V = 300
@@ -62,3 +62,24 @@ def test_target_margin_equals_difference_of_log_probs(softmax):
     lp = m.log_probs(feats)
     want = lp[torch.arange(12), good] - lp[torch.arange(12), bad]
     assert torch.allclose(m.target_margin(feats, good, bad), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluating_sets_eval_and_inference_mode_and_restores(training):
+    m = _model("full").train(training)
+    with evaluating(m) as inside:
+        assert inside is m and not m.training and not any(x.training for x in m.modules())
+        assert torch.is_inference_mode_enabled()
+    assert m.training == training and all(x.training == training for x in m.modules())
+    assert not torch.is_inference_mode_enabled()
+    with pytest.raises(RuntimeError, match="boom"), evaluating(m):
+        raise RuntimeError("boom")
+    assert m.training == training
+
+
+def test_device_of():
+    assert device_of(_model("full")) == torch.device("cpu")
+    holder = torch.nn.Module()
+    assert device_of(holder) == torch.device("cpu")  # neither parameters nor buffers
+    holder.register_buffer("table", torch.zeros(2, device="meta"))
+    assert device_of(holder) == torch.device("meta")  # a buffer-only model: the buffer's device
