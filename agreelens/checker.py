@@ -1,38 +1,22 @@
 """Agreement checker: find number-agreement sites in a text, judge each with the LM, explain a verdict.
 
-A *site* is a word with a singular/plural alternate in a position where number agreement decides
-between the two:
-
-``aux``
-    is/are, was/were, has/have, does/do and their n't forms (isn't/aren't, ...).
-``verb``
-    a present-tense verb from the lexicon (likes/like: pairs of vocabulary words w/w+s, w/w+es,
-    y/ies that the training text uses as verbs, see :func:`build_lexicon`).
-``noun``
-    the noun right after this/these/that/those (``these car``). A left-to-right LM judges a determiner
-    from its left context only, so the determiner-noun pair is judged at the noun, as BLiMP's
-    one-prefix method does; the other fix (changing the determiner) is given as ``alternative``.
-
-A verb or auxiliary is a site only in a finite position: not first in its sentence (questions put the
-auxiliary before its subject), not after to/modals/do-support/not, not after there/here or an opening
-wh-word; a lexicon verb also not after a determiner, possessive, preposition or number (then it is a
-noun: "the walks").
-
-The verdict of a site is read off one number, its margin ``log P(written | prefix) - log P(alternate |
-prefix)`` (the sentence's words to its left, primed with ``<eos>`` as in training): below the calibrated
-threshold the written form is flagged as an error and the alternate suggested. One batched LM forward
-over all sentences gives every site's margin (``model.target_margin`` on the hidden states: only the
-two words' logits). ``confidence`` is ``sigmoid(scale * |margin - threshold|)``, the calibrated
-probability that the verdict is right.
+Sites (:mod:`agreelens.sites`): auxiliaries, present-tense verbs, nouns after this/these/that/those,
+is/are after an expletive there, and the verbs of quantified and coordinated subjects. Evidence and
+verdicts (:mod:`agreelens.verdicts`): one batched LM forward over all sentences gives each site its margin
+``log P(written) - log P(alternate)`` and the subject-number readout of the state the verb is predicted
+from; the calibrated operating point turns them into ``error``, ``unsure`` (never counted as an error) or
+``ok``. A site whose subject the words decide (``each of ...``, ``A and B``) is judged by that subject's
+number. Each site says which evidence decided it.
 
 Text is split into sentences and tokenized exactly as the training corpus was (:mod:`agreelens.text`);
-words outside the vocabulary are read as ``<unk>`` and reported.
+words outside the vocabulary are read as ``<unk>`` and reported; a sentence without a site says so.
 
-:func:`calibrate` picks the threshold that maximises F1 of error detection on held-out pairs (BLiMP's
-agreement sets and test-split sentences with one site swapped to its alternate) and writes
-``metrics/calibration_<model>.json``. :meth:`Checker.explain` traces a site's sentence: the number
-units' gates and states per token, a diagnostic readout of the subject's number from layer 2, and the
-site's margin with each number unit ablated (the masks of ``agreelens ablate``).
+:func:`run_calibrate` chooses the evidence and the operating point on the checker benchmark's dev set
+(:mod:`agreelens.checkbench`) for a false-alarm budget per 100 correct sentences, measures it on the test
+set and on BLiMP's agreement pairs, and writes ``metrics/calibration_<model>.json`` (shipped with the
+registered model). :meth:`Checker.explain` traces a site's sentence: the number units' gates and states
+per token, the readout of the subject's number per step, and the site's margin with each number unit
+ablated (the masks of ``agreelens ablate``).
 """
 
 from __future__ import annotations
@@ -40,10 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 import re
-import zlib
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,110 +32,16 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from agreelens.lexicon import (  # noqa: F401  (re-exported: the checker's lexicon API)
-    AUX_PAIRS, DEMONSTRATIVES, IRREGULAR_NOUNS, CLOSED, NONFINITE_PREV, NOMINAL_PREV, OPENERS,
-    EXPLETIVES, SINGULAR_PRONOUNS, PLURAL_PRONOUNS, ADVERBS, BASE_PREV, morph_pairs, verb_evidence,
+from agreelens.lexicon import DEMONSTRATIVES, morph_pairs, verb_evidence  # noqa: F401  (re-exported)
+from agreelens.model import device_of, evaluating
+from agreelens.sites import (  # noqa: F401  (re-exported: the checker's site API)
+    KINDS, Lexicon, Site, _match_case, build_lexicon, find_sites, lm_verbs, token_spans,
 )
-from agreelens.text import _TOKEN, normalize, split_sentences, tokenize
+from agreelens.text import split_sentences, tokenize
+from agreelens.verdicts import OperatingPoint, Readout, fit_readout, site_evidence, word_margin
 from agreelens.vocab import Vocab
 
 log = logging.getLogger("agreelens.checker")
-
-# ---------------------------------------------------------------------------------------- lexicon
-
-
-@dataclass
-class Lexicon:
-    """Number alternates: auxiliaries, verbs (``(base, third)``) and nouns (``(singular, plural)``)."""
-
-    verbs: list[tuple[str, str]]
-    nouns: list[tuple[str, str]]
-    source: str = "morphology"
-
-    def __post_init__(self):
-        self.aux = {}
-        for s, p in AUX_PAIRS:
-            self.aux[s], self.aux[p] = (p, "singular"), (s, "plural")
-        self.verb = {}
-        for b, s in self.verbs:
-            self.verb[s], self.verb[b] = (b, "singular"), (s, "plural")
-        self.noun = {}
-        for s, p in self.nouns:
-            self.noun[s], self.noun[p] = (p, "singular"), (s, "plural")
-
-    @classmethod
-    def from_vocab(cls, vocab: Vocab, verbs: list[tuple[str, str]] | None = None, source: str = "") -> "Lexicon":
-        """Nouns: every morphological pair of the vocabulary; verbs: ``verbs`` (kept where both forms
-        are in the vocabulary), else every regular morphological pair (no corpus to tell verbs from
-        nouns)."""
-        pairs = morph_pairs(vocab)
-        if verbs is None:
-            irregular = set(IRREGULAR_NOUNS)
-            verbs, source = [p for p in pairs if p not in irregular], source or "morphology"
-        verbs = [(b, s) for b, s in verbs if b in vocab and s in vocab and b not in CLOSED and s not in CLOSED]
-        return cls(sorted({tuple(v) for v in verbs}), pairs, source or "corpus")
-
-    def to_dict(self) -> dict:
-        return {"source": self.source, "verbs": [list(v) for v in self.verbs]}
-
-
-def lm_verbs(model: nn.Module, vocab: Vocab, pairs: list[tuple[str, str]], margin: float = 0.0) -> list[tuple[str, str]]:
-    """The ``(base, third)`` pairs the LM itself treats as verbs: the -s form is more probable after
-    he/she/it than after a determiner (the, a, my, two), and the base more probable after
-    I/you/we/they than after a determiner, each by more than ``margin`` nats (mean log-probabilities
-    over the contexts; one forward pass of 11 two-token contexts)."""
-    contexts = [*SINGULAR_PRONOUNS, *PLURAL_PRONOUNS, "the", "a", "my", "two"]
-    if not pairs or any(c not in vocab.stoi for c in contexts):
-        return []
-    device = _device(model)
-    ids = torch.tensor([[vocab.eos, vocab.stoi[c]] for c in contexts], device=device).t()
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            features, _ = model(ids)
-            lp = model.log_probs(features[-1]).double().cpu()  # (11, V)
-    finally:
-        model.train(was_training)
-    n_sg, n_pl = len(SINGULAR_PRONOUNS), len(PLURAL_PRONOUNS)
-    sg = lp[:n_sg].logsumexp(0) - math.log(n_sg)
-    pl = lp[n_sg:n_sg + n_pl].logsumexp(0) - math.log(n_pl)
-    nominal = lp[n_sg + n_pl:].logsumexp(0) - math.log(len(contexts) - n_sg - n_pl)
-    irregular = set(IRREGULAR_NOUNS)
-    out = []
-    for b, s in pairs:
-        if (b, s) in irregular:
-            continue
-        bi, si = vocab.stoi[b], vocab.stoi[s]
-        if sg[si] - nominal[si] > margin and pl[bi] - nominal[bi] > margin:
-            out.append((b, s))
-    return out
-
-
-def build_lexicon(vocab: Vocab, train_files: list[str | Path] = (), model: nn.Module | None = None) -> Lexicon:
-    """Verbs: those the training text uses as verbs (:func:`verb_evidence`, where a file exists) and
-    those the LM treats as verbs (:func:`lm_verbs`, given ``model``); with neither, every regular
-    morphological pair of the vocabulary."""
-    files = [Path(f) for f in train_files if Path(f).is_file()]
-    pairs = morph_pairs(vocab)
-    verbs: set[tuple[str, str]] = set()
-    sources = []
-    if files:
-        def lines():
-            for f in files:
-                with f.open(encoding="utf-8") as fh:
-                    yield from fh
-
-        verbs |= set(verb_evidence(lines(), pairs=pairs))
-        sources.append(",".join(f.name for f in files))
-    if model is not None:
-        found = lm_verbs(model, vocab, pairs)
-        if found:
-            verbs |= set(found)
-            sources.append("lm")
-    if not sources:
-        return Lexicon.from_vocab(vocab)
-    return Lexicon.from_vocab(vocab, sorted(verbs), source="+".join(sources))
 
 
 # ---------------------------------------------------------------------------------------- input
@@ -192,79 +79,7 @@ def validate_text(text, max_chars: int = 5000, max_sentences: int = 50) -> list[
     return sentences
 
 
-# ---------------------------------------------------------------------------------------- sites
-
-
-@dataclass
-class Site:
-    position: int  # token index in its sentence
-    word: str
-    alternate: str
-    kind: str  # aux | verb | noun
-    number: str  # what the written form agrees with: singular | plural
-    controller: int | None = None  # the determiner's position (noun sites)
-
-
-def _finite(tokens: list[str], i: int) -> bool:
-    """Can the word at ``i`` be a finite verb whose subject is to its left?"""
-    if i == 0:
-        return False
-    prev = tokens[i - 1]
-    if prev in NONFINITE_PREV or prev in EXPLETIVES:
-        return False
-    return not all(t in OPENERS or not t[0].isalnum() for t in tokens[:i])
-
-
-def find_sites(tokens: list[str], lexicon: Lexicon, vocab: Vocab | None = None) -> list[Site]:
-    """The agreement sites of one tokenized sentence (see the module's docstring for the rules)."""
-    sites = []
-    for i, w in enumerate(tokens):
-        site = None
-        prev = tokens[i - 1] if i else ""
-        if w in lexicon.aux and _finite(tokens, i):
-            alt, num = lexicon.aux[w]
-            site = Site(i, w, alt, "aux", num)
-        elif prev == "that" and w in lexicon.verb:  # the man that likes (these/those + verb is a noun: these plans)
-            alt, num = lexicon.verb[w]
-            site = Site(i, w, alt, "verb", num)
-        elif prev in DEMONSTRATIVES and w in lexicon.noun:  # these car
-            alt, num = lexicon.noun[w]
-            site = Site(i, w, alt, "noun", num, controller=i - 1)
-        elif w in lexicon.verb and prev not in NOMINAL_PREV and not prev.endswith("'s") and _finite(tokens, i):
-            alt, num = lexicon.verb[w]
-            site = Site(i, w, alt, "verb", num)
-        if site is not None and (vocab is None or (w in vocab.stoi and site.alternate in vocab.stoi)):
-            sites.append(site)
-    return sites
-
-
-def token_spans(sentence: str) -> list[tuple[int, int]] | None:
-    """Character spans of :func:`tokenize`'s tokens in ``sentence`` (normalized text), or None where
-    lowercasing changed the text's length."""
-    norm = normalize(sentence)
-    low = norm.lower()
-    if len(low) != len(norm):
-        return None
-    return [m.span() for m in _TOKEN.finditer(low)]
-
-
-def _match_case(word: str, original: str) -> str:
-    if original.isupper() and len(original) > 1:
-        return word.upper()
-    if original[:1].isupper():
-        return word[:1].upper() + word[1:]
-    return word
-
-
 # ---------------------------------------------------------------------------------------- margins
-
-
-def _device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def site_margins(model: nn.Module, vocab: Vocab, sentences: list[list[str]], sites: list[tuple[int, int, int, int]],
@@ -276,35 +91,25 @@ def site_margins(model: nn.Module, vocab: Vocab, sentences: list[list[str]], sit
     out = torch.empty(len(sites), dtype=torch.float64)
     if not sites:
         return out
-    device = _device(model)
+    device = device_of(model)
     by_sentence: dict[int, list[int]] = {}
     for k, (s, *_rest) in enumerate(sites):
         by_sentence.setdefault(s, []).append(k)
     order = sorted(by_sentence, key=lambda s: -len(sentences[s]))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for lo in range(0, len(order), batch_size):
-                chunk = order[lo:lo + batch_size]
-                seqs = [torch.tensor([vocab.eos, *vocab.encode(sentences[s])], dtype=torch.long) for s in chunk]
-                ids = pad_sequence(seqs, padding_value=vocab.eos).to(device)  # (T, B)
-                features, _ = model(ids)
-                rows = [k for s in chunk for k in by_sentence[s]]
-                col = {s: j for j, s in enumerate(chunk)}
-                t = torch.tensor([sites[k][1] for k in rows], device=device)
-                b = torch.tensor([col[sites[k][0]] for k in rows], device=device)
-                feats = features[t, b]
-                good = torch.tensor([sites[k][2] for k in rows], device=device)
-                bad = torch.tensor([sites[k][3] for k in rows], device=device)
-                if hasattr(model, "target_margin"):
-                    m = model.target_margin(feats, good, bad)
-                else:
-                    lp = model.target_log_probs(feats.unsqueeze(1).expand(-1, 2, -1), torch.stack([good, bad], 1))
-                    m = lp[:, 0] - lp[:, 1]
-                out[torch.tensor(rows)] = m.double().cpu()
-    finally:
-        model.train(was_training)
+    with evaluating(model):
+        for lo in range(0, len(order), batch_size):
+            chunk = order[lo:lo + batch_size]
+            seqs = [torch.tensor([vocab.eos, *vocab.encode(sentences[s])], dtype=torch.long) for s in chunk]
+            ids = pad_sequence(seqs, padding_value=vocab.eos).to(device)  # (T, B)
+            features, _ = model(ids)
+            rows = [k for s in chunk for k in by_sentence[s]]
+            col = {s: j for j, s in enumerate(chunk)}
+            t = torch.tensor([sites[k][1] for k in rows], device=device)
+            b = torch.tensor([col[sites[k][0]] for k in rows], device=device)
+            feats = features[t, b]
+            good = torch.tensor([sites[k][2] for k in rows], device=device)
+            bad = torch.tensor([sites[k][3] for k in rows], device=device)
+            out[torch.tensor(rows)] = word_margin(model, feats, good, bad).double().cpu()
     return out
 
 
@@ -313,7 +118,10 @@ def site_margins(model: nn.Module, vocab: Vocab, sentences: list[list[str]], sit
 
 @dataclass
 class Checker:
-    """A loaded LM with its lexicon and calibration; :meth:`check`, :meth:`explain`, :meth:`score`."""
+    """A loaded LM with its lexicon and operating point; :meth:`check`, :meth:`explain`, :meth:`score`.
+
+    Without an operating point ``op``, a site is an error iff its margin is below ``threshold`` (confidence
+    ``sigmoid(scale * |margin - threshold|)``)."""
 
     model: nn.Module
     vocab: Vocab
@@ -323,88 +131,128 @@ class Checker:
     name: str = "model"
     calibrated: bool = False
     units: list[int] = field(default_factory=list)
-    stimuli: object = None  # StimuliConfig for the readout classifier (None: no readout)
+    stimuli: object = None  # StimuliConfig for a readout fit at load (None: no readout unless shipped)
     batch_size: int = 256
     max_chars: int = 5000
     max_sentences: int = 50
     notes: list[str] = field(default_factory=list)
-    _readout: dict | None = field(default=None, repr=False)
+    op: OperatingPoint | None = None
+    readout_model: Readout | None = None  # shipped with the calibration, else fit from ``stimuli``
+
+    def __post_init__(self):
+        if self.op is None:
+            self.op = OperatingPoint.from_threshold(self.threshold, self.scale)
+        self._fitted = self.readout_model is not None
 
     # ------------------------------------------------------------------ check
 
+    def sites(self, tokens: list[str]) -> list[Site]:
+        return find_sites(tokens, self.lexicon, self.vocab)
+
     def analyse(self, text: str) -> list[dict]:
-        """Sentences with tokens, spans, unknown words and sites (no margins yet)."""
+        """Sentences with tokens, spans, unknown words and sites (no evidence yet)."""
         out = []
         for sent in validate_text(text, self.max_chars, self.max_sentences):
             tokens = tokenize(sent)
             unk = [i for i, t in enumerate(tokens) if t not in self.vocab.stoi]
             out.append({"text": sent, "tokens": tokens, "spans": token_spans(sent), "unknown": unk,
-                        "sites": find_sites(tokens, self.lexicon, self.vocab)})
+                        "sites": self.sites(tokens)})
         return out
 
-    def _verdict(self, margin: float) -> tuple[str, float]:
-        d = margin - self.threshold
-        conf = 1.0 / (1.0 + math.exp(-min(60.0, self.scale * abs(d))))
-        return ("error" if d < 0 else "ok"), conf
+    def judge(self, site: Site, margin: float, readout: float) -> dict:
+        """Verdict, confidence and the evidence that decided one site."""
+        if site.subject_number is not None:
+            bad = site.number != site.subject_number
+            return {"verdict": "error" if bad else "ok", "confidence": None,
+                    "evidence": {"decided_by": "subject", "subject": site.subject,
+                                 "subject_number": site.subject_number, "margin": round(margin, 4)}}
+        score = float(self.op.score(margin, readout, site.kind))
+        verdict, conf = self.op.verdict(score)
+        used = "there: verb to noun" if site.kind == "there" else self.op.evidence
+        ev = {"decided_by": used if site.kind != "noun" else "margin", "margin": round(margin, 4),
+              "error_score": round(score, 4)}
+        if self.op.uses_readout and site.kind in ("aux", "verb"):
+            ev["readout"] = round(readout, 4)  # log-odds that the subject has the written form's number
+        return {"verdict": verdict, "confidence": round(conf, 4), "evidence": ev}
+
+    def _verdict_at(self, site: dict, margin: float) -> str:
+        """The verdict of a checked site (a :meth:`check` dict) had its margin been ``margin`` (its other
+        evidence as it was)."""
+        if site["evidence"]["decided_by"] == "subject":
+            return site["verdict"]
+        return self.op.verdict(float(self.op.score(margin, site["evidence"].get("readout", 0.0), site["kind"])))[0]
 
     def check_many(self, texts: list[str], activations: bool = False) -> list[dict]:
         """:meth:`check` of several texts with one batched LM pass over all their sentences."""
         analysed = [self.analyse(t) for t in texts]
         flat = [s for a in analysed for s in a]
-        keys = [(i, s.position, self.vocab.stoi[s.word], self.vocab.stoi[s.alternate])
-                for i, sent in enumerate(flat) for s in sent["sites"]]
-        margins = site_margins(self.model, self.vocab, [s["tokens"] for s in flat], keys, self.batch_size).tolist()
+        keys = [(i, s) for i, sent in enumerate(flat) for s in sent["sites"]]
+        readout = self.readout_for_verdicts() if self.op.uses_readout else None
+        margins, reads = site_evidence(self.model, self.vocab, [s["tokens"] for s in flat], keys, readout,
+                                       self.batch_size)
+        margins, reads = margins.tolist(), reads.tolist()
         acts = self._activations([s["tokens"] for s in flat]) if activations else None
         results, k, j = [], 0, 0
         for a in analysed:
-            sentences, n_err, unknown, gsite = [], 0, [], 0
+            sentences, n_err, n_unsure, unknown, gsite, unchecked = [], 0, 0, [], 0, []
             for si, sent in enumerate(a):
                 spans = sent["spans"]
                 sites = []
                 for s in sent["sites"]:
-                    m = margins[k]
+                    judged = self.judge(s, margins[k], reads[k])
                     k += 1
-                    verdict, conf = self._verdict(m)
+                    verdict = judged["verdict"]
                     n_err += verdict == "error"
+                    n_unsure += verdict == "unsure"
                     span = list(spans[s.position]) if spans else None
                     original = sent["text"][span[0]:span[1]] if span else s.word
                     site = {"site": gsite, "position": s.position, "word": s.word, "kind": s.kind,
-                            "number": s.number, "alternate": s.alternate, "margin": round(m, 4),
-                            "verdict": verdict, "confidence": round(conf, 4),
-                            "suggestion": _match_case(s.alternate, original) if verdict == "error" else None,
+                            "number": s.number, "alternate": s.alternate, "margin": judged["evidence"]["margin"],
+                            "verdict": verdict, "confidence": judged["confidence"],
+                            "suggestion": _match_case(s.alternate, original) if verdict != "ok" else None,
+                            "evidence": judged["evidence"],
                             "span": span, "context_unknown": sum(1 for u in sent["unknown"] if u < s.position)}
-                    if s.controller is not None:
+                    if s.kind == "noun":
                         det = sent["tokens"][s.controller]
                         site["controller"] = s.controller
                         site["alternative"] = f"{DEMONSTRATIVES[det]} {s.word}"
+                    elif s.kind == "there":
+                        site["controller"] = s.controller
                     sites.append(site)
                     gsite += 1
                 entry = {"index": si, "text": sent["text"], "tokens": sent["tokens"],
                          "spans": [list(x) for x in spans] if spans else None,
-                         "unknown": sent["unknown"], "sites": sites}
+                         "unknown": sent["unknown"], "checkable": bool(sites), "sites": sites}
+                if not sites:
+                    unchecked.append(si)
                 if acts is not None:
                     entry["activations"] = acts[j]
                 j += 1
                 unknown += [sent["tokens"][u] for u in sent["unknown"]]
                 sentences.append(entry)
             notes = []
+            if unchecked:
+                which = "the sentence" if len(a) == 1 else "sentence(s) " + ", ".join(str(i) for i in unchecked)
+                notes.append(f"no agreement site to check in {which}")
             if unknown:
                 notes.append(f"{len(unknown)} word(s) outside the vocabulary were read as <unk>: "
                              + ", ".join(dict.fromkeys(unknown)))
             if not self.calibrated:
-                notes.append("the threshold is not calibrated (run `agreelens calibrate`); using "
-                             f"{self.threshold:g}")
-            results.append({"model": self.name, "threshold": round(self.threshold, 4), "sentences": sentences,
-                            "n_sites": gsite, "n_errors": n_err, "unknown": list(dict.fromkeys(unknown)),
-                            "notes": notes})
+                notes.append("the operating point is not calibrated (run `agreelens calibrate`); an error is a "
+                             f"margin below {self.threshold:g}")
+            results.append({"model": self.name, "threshold": round(self.threshold, 4),
+                            "operating_point": {"evidence": self.op.evidence, "error_at": round(self.op.error_at, 4),
+                                                "unsure_at": None if self.op.unsure_at is None else
+                                                round(self.op.unsure_at, 4), "expected": self.op.expected},
+                            "sentences": sentences, "n_sites": gsite, "n_errors": n_err, "n_unsure": n_unsure,
+                            "unknown": list(dict.fromkeys(unknown)), "notes": notes})
         return results
 
     def check(self, text: str, activations: bool = False) -> dict:
-        """Per sentence: tokens, sites with margin, verdict, suggestion and confidence. ``activations``:
-        also the number units' cell states per token (``{"units", "c", "h"}``)."""
+        """Per sentence: tokens, sites with margin, verdict (error, unsure, ok), suggestion, confidence and
+        evidence. ``activations``: also the number units' cell states per token (``{"units", "c", "h"}``)."""
         return self.check_many([text], activations)[0]
 
-    # ------------------------------------------------------------------ units
 
     def _unit_index(self):
         from agreelens.trace import lstm_of, unit_to_layer_index
@@ -428,7 +276,7 @@ class Checker:
         names = [f"L{lay}.{k}" for lay in layers for k in ("c", "h")]
         out: list[dict | None] = [None] * len(sentences)
         order = sorted(range(len(sentences)), key=lambda s: -len(sentences[s]))
-        device = _device(self.model)
+        device = device_of(self.model)
         with torch.inference_mode():
             for lo in range(0, len(order), self.batch_size):
                 chunk = order[lo:lo + self.batch_size]
@@ -444,13 +292,17 @@ class Checker:
 
     # ------------------------------------------------------------------ explain
 
-    def readout(self) -> dict | None:
-        """The diagnostic classifier (fit once, cached): logistic regression of the subject's number
-        (plural = 1) on layer-2 ``h`` at every word from the subject to the one before the verb, over NA
-        stimuli generated from the vocabulary (``stimuli`` settings)."""
-        if self._readout is None:
-            self._readout = _fit_readout(self.model, self.vocab, self.stimuli) or {}
-        return self._readout or None
+    def readout_for_verdicts(self) -> Readout | None:
+        """The subject-number readout (:class:`agreelens.verdicts.Readout`): shipped with the calibration,
+        else fit once from NA pairs generated from the vocabulary (``stimuli`` settings)."""
+        if not self._fitted:
+            self.readout_model = _stimuli_readout(self.model, self.vocab, self.stimuli)
+            self._fitted = True
+        return self.readout_model
+
+    def readout(self) -> Readout | None:
+        """The readout the explanation shows (the one verdicts use)."""
+        return self.readout_for_verdicts()
 
     def explain(self, text: str, site: int | None = None) -> dict:
         """One site (index as in :meth:`check`; default the first error, else the first site): its
@@ -473,14 +325,9 @@ class Checker:
         tokens, pos = sent["tokens"], s["position"]
         rnn = lstm_of(self.model)
         hsz, layers = rnn.hidden_size, rnn.num_layers
-        ids = torch.tensor([self.vocab.eos, *self.vocab.encode(tokens)], device=_device(self.model)).unsqueeze(1)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                tr = trace(self.model, ids)
-        finally:
-            self.model.train(was_training)
+        ids = torch.tensor([self.vocab.eos, *self.vocab.encode(tokens)], device=device_of(self.model)).unsqueeze(1)
+        with evaluating(self.model):
+            tr = trace(self.model, ids)
         idx = self._unit_index()
         steps = ["<eos>", *[t if t in self.vocab.stoi else f"{t} (<unk>)" for t in tokens]]
         units_out = [{"unit": u, "layer": lay, "index": j,
@@ -503,16 +350,15 @@ class Checker:
                 margins = self.model.target_margin(feats[-1], good, bad).double().tolist()
         full = margins[0]
         abl = [{"units": a, "margin": round(m, 4), "delta": round(m - full, 4),
-                "verdict": self._verdict(m)[0]} for a, m in zip(ablations, margins[1:])]
+                "verdict": self._verdict_at(s, m)} for a, m in zip(ablations, margins[1:])]
         for u, a in zip(units_out, abl):
             u["ablated_margin"], u["delta"] = a["margin"], a["delta"]
         ro = self.readout()
         readout = None
-        if ro:
-            h = tr.h[min(layers, 2) - 1, :, 0].float().cpu()
-            p = torch.sigmoid(((h - ro["mean"]) / ro["std"]) @ ro["w"] + ro["b"])
-            readout = {"state": ro["state"], "p_plural": [round(float(x), 4) for x in p],
-                       "heldout_accuracy": ro["heldout_accuracy"], "n_train": ro["n_train"]}
+        if ro is not None:
+            p = torch.sigmoid(ro.logit(tr.h[min(layers, 2) - 1, :, 0]))
+            readout = {"state": ro.state, "p_plural": [round(float(x), 4) for x in p],
+                       "heldout_accuracy": ro.heldout_accuracy, "n_train": ro.n_train}
         return {"model": self.name, "threshold": round(self.threshold, 4), "site": s,
                 "sentence": {"index": sent["index"], "text": sent["text"], "tokens": tokens},
                 "steps": steps, "predicting_step": pos,
@@ -565,89 +411,25 @@ def validate_pairs(pairs, max_pairs: int = 5000) -> None:
                 raise InputError(f"{where}: {f} must be a string")
 
 
-def _fit_readout(model: nn.Module, vocab: Vocab, stim_cfg, steps: int = 100) -> dict | None:
-    """Logistic regression of the subject's number on layer-2 h (see :meth:`Checker.readout`)."""
+def _stimuli_readout(model: nn.Module, vocab: Vocab, stim_cfg) -> Readout | None:
+    """:func:`agreelens.verdicts.fit_readout` on NA-task pairs generated from the vocabulary."""
     from agreelens.stimuli import generate
-    from agreelens.trace import lstm_of, trace
 
     if stim_cfg is None:
         return None
     try:
-        layers = lstm_of(model).num_layers
         pairs, _ = generate(stim_cfg, vocab)
-    except (ValueError, TypeError) as err:
+        return fit_readout(model, vocab, pairs)
+    except (ValueError, TypeError) as err:  # no pools in the vocabulary, not an LSTM
         log.warning("no readout classifier: %s", err)
         return None
-    if len({p["condition"][0] for p in pairs}) < 2:
-        return None
-    by_len: dict[int, list[dict]] = {}
-    for p in pairs:
-        by_len.setdefault(len(tokenize(p["sentence_good"])), []).append(p)
-    xs, ys, held = [], [], []
-    device = _device(model)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for group in by_len.values():
-                ids = torch.tensor([[vocab.eos, *vocab.encode(tokenize(p["sentence_good"]))] for p in group],
-                                   device=device).t()
-                h = trace(model, ids).h[min(layers, 2) - 1].float().cpu()  # (T, B, H)
-                for b, p in enumerate(group):
-                    verb = len(tokenize(p["one_prefix_prefix"]))  # word index of the verb
-                    for w in range(1, verb):  # subject .. the word before the verb (state after reading it)
-                        xs.append(h[w + 1, b])
-                        ys.append(float(p["condition"][0] == "P"))
-                        held.append(zlib.crc32(str(p["pairID"]).encode()) % 5 == 0)
-    finally:
-        model.train(was_training)
-    x = torch.stack(xs)
-    y = torch.tensor(ys)
-    held_t = torch.tensor(held)
-    if held_t.all() or not held_t.any():
-        held_t = torch.arange(len(ys)) % 5 == 0
-    train = ~held_t
-    mean, std = x[train].mean(0), x[train].std(0) + 1e-3
-    z = (x - mean) / std
-    w = torch.zeros(x.size(1), requires_grad=True)
-    b = torch.zeros((), requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=0.5, max_iter=steps)
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.binary_cross_entropy_with_logits(z[train] @ w + b, y[train]) + 1e-3 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    with torch.no_grad():
-        acc = float((((z[held_t] @ w + b) > 0).float() == y[held_t]).float().mean())
-    return {"state": f"L{min(layers, 2)}.h", "mean": mean, "std": std, "w": w.detach(), "b": b.detach(),
-            "heldout_accuracy": round(acc, 4), "n_train": int(train.sum())}
 
 
 # ---------------------------------------------------------------------------------------- calibration
 
 
-def _best_f1(margins: torch.Tensor, labels: torch.Tensor) -> tuple[float, dict]:
-    """Threshold maximising F1 of error detection (error: margin < threshold; label 1 = error)."""
-    order = margins.argsort()
-    m, y = margins[order], labels[order].double()
-    tp = y.cumsum(0)  # predicting the first k+1 as errors
-    k = torch.arange(1, len(m) + 1, dtype=torch.float64)
-    positives = y.sum()
-    f1 = 2 * tp / (k + positives)
-    # thresholds only between distinct margins
-    distinct = torch.ones(len(m), dtype=torch.bool)
-    distinct[:-1] = m[1:] > m[:-1]
-    f1 = torch.where(distinct, f1, torch.zeros_like(f1))
-    best = int(f1.argmax())
-    thr = float((m[best] + m[best + 1]) / 2) if best + 1 < len(m) else float(m[best]) + 1e-6
-    return thr, _prf(margins, labels, thr)
-
-
 def _prf(margins: torch.Tensor, labels: torch.Tensor, thr: float) -> dict:
+    """Precision, recall, F1 and accuracy of error detection (error: margin < thr; label 1 = error)."""
     pred = margins < thr
     y = labels.bool()
     tp = int((pred & y).sum())
@@ -661,24 +443,11 @@ def _prf(margins: torch.Tensor, labels: torch.Tensor, thr: float) -> dict:
             "n": int(len(y)), "errors": int(y.sum())}
 
 
-def _fit_scale(margins: torch.Tensor, labels: torch.Tensor, thr: float) -> float:
-    """Slope a of P(error) = sigmoid(a (threshold - margin)), by maximum likelihood over a grid."""
-    d = (thr - margins).double()
-    y = labels.double()
-    best, best_ll = 1.0, -math.inf
-    for a in torch.logspace(-2, 1.5, 141, dtype=torch.float64):
-        z = a * d
-        ll = float((y * nn.functional.logsigmoid(z) + (1 - y) * nn.functional.logsigmoid(-z)).sum())
-        if ll > best_ll:
-            best, best_ll = float(a), ll
-    return best
-
-
 def blimp_examples(lexicon: Lexicon, vocab: Vocab, pairs: list[dict]) -> tuple[list[list[str]], list[tuple], list[int], int]:
     """From BLiMP pairs (good and bad sentence of one length, one token apart): the site the checker
     finds at the differing token or up to two tokens after it (``The woman meet``: the verb after the
-    changed subject) in both sentences. Returns ``(sentences, sites, labels, covered pairs)``; label 1
-    = the bad sentence's site (an error)."""
+    changed subject) in both sentences. Returns ``(sentences, sites, labels, covered pairs)`` with sites
+    ``(sentence index, Site)``; label 1 = the bad sentence's site (an error)."""
     sents, sites, labels, covered = [], [], [], 0
     for p in pairs:
         good, bad = tokenize(p["sentence_good"]), tokenize(p["sentence_bad"])
@@ -695,64 +464,86 @@ def blimp_examples(lexicon: Lexicon, vocab: Vocab, pairs: list[dict]) -> tuple[l
             continue
         covered += 1
         for toks, s, lab in ((good, sg[pos], 0), (bad, sb[pos], 1)):
-            sites.append((len(sents), s.position, vocab.stoi[s.word], vocab.stoi[s.alternate]))
+            sites.append((len(sents), s))
             sents.append(toks)
             labels.append(lab)
     return sents, sites, labels, covered
 
 
-def calibrate(model: nn.Module, vocab: Vocab, lexicon: Lexicon, blimp_pairs: list[dict] = (),
-              test_sentences: list[str] = (), max_sentences: int = 0, seed: int = 1,
-              batch_size: int = 256) -> dict:
-    """Threshold that maximises F1 of error detection on held-out examples.
+def blimp_figures(checker: "Checker", pairs: list[dict]) -> dict:
+    """Error detection on BLiMP pairs at the checker's operating point (unsure counts as not flagged)."""
+    from agreelens.checkbench import scores
 
-    - BLiMP pairs (:func:`blimp_examples`): the good sentence's site is correct, the bad one's an error.
-    - ``test_sentences`` (whitespace-tokenized lines, e.g. ``prepared/test.txt``; at most
-      ``max_sentences``, 0 = all, seeded sample): one site per sentence drawn at random; unchanged it is
-      correct (margin m), swapped to its alternate it is an error. The swap leaves the site's prefix
-      as it was, so the swapped sentence's margin is exactly -m.
+    sents, sites, labels, covered = blimp_examples(checker.lexicon, checker.vocab, pairs)
+    if not sites:
+        return {"pairs": len(pairs), "covered": 0}
+    m, r = site_evidence(checker.model, checker.vocab, sents, sites, checker.readout_for_verdicts(), checker.batch_size)
+    s = scores(checker.op, {"margin": m, "readout": r, "meta": [{"site": x} for _, x in sites]})
+    flagged = (s > checker.op.error_at)
+    y = torch.tensor(labels)
+    both = [bool(not flagged[2 * i] and flagged[2 * i + 1]) for i in range(covered)]
+    return {"pairs": len(pairs), "covered": covered, **_prf(-flagged.double(), y, -0.5),
+            "pairs_both_right": round(sum(both) / covered, 4)}
 
-    Returns ``{"threshold", "precision", "recall", "f1", "accuracy", "n", "errors", "scale",
-    "at_zero", "sources": {...}}``."""
-    rng = random.Random(seed)
-    b_sents, b_sites, b_labels, covered = blimp_examples(lexicon, vocab, list(blimp_pairs))
-    b_m = site_margins(model, vocab, b_sents, b_sites, batch_size)
-    lines = [ln.split() for ln in test_sentences if ln.strip()]
-    if max_sentences and len(lines) > max_sentences:
-        lines = rng.sample(lines, max_sentences)
-    t_sents, t_sites = [], []
-    n_with_sites = 0
-    for toks in lines:
-        found = find_sites(toks, lexicon, vocab)
-        if not found:
-            continue
-        n_with_sites += 1
-        s = rng.choice(found)
-        t_sites.append((len(t_sents), s.position, vocab.stoi[s.word], vocab.stoi[s.alternate]))
-        t_sents.append(toks)
-    t_m = site_margins(model, vocab, t_sents, t_sites, batch_size)
-    margins = torch.cat([b_m, t_m, -t_m])
-    labels = torch.cat([torch.tensor(b_labels, dtype=torch.long), torch.zeros(len(t_m), dtype=torch.long),
-                        torch.ones(len(t_m), dtype=torch.long)])
-    if len(margins) < 2 or labels.sum() == 0:
-        raise ValueError("no calibration examples: no BLiMP pair or test sentence has an agreement site")
-    thr, best = _best_f1(margins, labels)
-    t_all = torch.cat([t_m, -t_m])
-    t_lab = torch.cat([torch.zeros(len(t_m), dtype=torch.long), torch.ones(len(t_m), dtype=torch.long)])
-    kinds = Counter()
-    for toks, (s, pos, g, _) in zip(t_sents, t_sites):
-        kinds[next(x.kind for x in find_sites(toks, lexicon, vocab) if x.position == pos)] += 1
-    return {
-        "threshold": round(thr, 4), **best,
-        "scale": round(_fit_scale(margins, labels, thr), 4),
-        "at_zero": _prf(margins, labels, 0.0),
-        "sources": {
-            "blimp": {"pairs": len(blimp_pairs), "covered": covered,
-                      **(_prf(b_m, torch.tensor(b_labels), thr) if b_labels else {"n": 0})},
-            "test": {"sentences": len(lines), "with_sites": n_with_sites, "site_kinds": dict(kinds),
-                     **(_prf(t_all, t_lab, thr) if len(t_m) else {"n": 0})},
-        },
-    }
+
+def run_calibrate(params, name: str, root: str | Path = ".", out: str | Path | None = None) -> dict:
+    """``agreelens calibrate``: choose the checker's evidence and operating point for model ``name`` on the
+    checker benchmark's dev set (false alarms per 100 correct sentences at most
+    ``service.false_alarm_budget``; ``unsure`` up to ``service.unsure_budget``), measure it on the test set
+    and BLiMP's agreement pairs, and write ``metrics/calibration_<name>.json`` with the lexicon and readout
+    the checker uses."""
+    import os
+
+    from agreelens import checkbench
+    from agreelens.files import write_text
+    from agreelens.model import default_device, load_model
+    from agreelens.na import resolve_model
+    from agreelens.scoring import read_pairs
+    from agreelens.verdicts import choose_operating_point
+
+    root = Path(root)
+    torch.set_num_threads(params.train.threads or os.cpu_count() or 1)
+    model_dir = _resolve(name, root, resolve_model)
+    model, vocab = load_model(model_dir, default_device())
+    tag = model_tag(name, model_dir, params.registry.prefix)
+    lex = build_lexicon(vocab, sorted((root / params.prepare.out).glob("train_*.txt")), model)
+    dev_stimuli = root / params.train.na_stimuli
+    stim = read_pairs(sorted(dev_stimuli.glob("*.jsonl"))) if dev_stimuli.is_dir() else []
+    readout = fit_readout(model, vocab, stim) if stim else None
+    checker = Checker(model, vocab, lex, name=tag, readout_model=readout)
+    bench = root / params.checkbench.out
+    dev = checkbench.examples(checker, checkbench.read(bench / "dev.jsonl"))
+    svc = params.service
+    ok = {"margin": dev["ok"]["margin"], "readout": dev["ok"]["readout"],
+          "kind": [m["site"].kind for m in dev["ok"]["meta"]]}
+    fixed = torch.tensor([math.nan if m["site"].subject_number is None else
+                          (math.inf if m["site"].number != m["site"].subject_number else -math.inf)
+                          for m in dev["ok"]["meta"]], dtype=torch.float64)
+    keep = [m["site"].subject_number is None for m in dev["err"]["meta"]]
+    err = {"margin": dev["err"]["margin"][torch.tensor(keep, dtype=torch.bool)],
+           "readout": dev["err"]["readout"][torch.tensor(keep, dtype=torch.bool)],
+           "kind": [m["site"].kind for m, k in zip(dev["err"]["meta"], keep) if k]}
+    evidences = ("margin", "margin+readout") if readout is not None else ("margin",)
+    op, candidates = choose_operating_point(ok, err, dev["ok"]["sentence"], dev["n_sentences"], dev["n_errors"],
+                                            svc.false_alarm_budget, svc.unsure_budget, evidences, fixed)
+    checker.op = op
+    dev_fig = checkbench.figures(op, dev)
+    test_fig = checkbench.figures(op, checkbench.examples(checker, checkbench.read(bench / "test.jsonl")))
+    op.expected = {"set": f"{params.checkbench.out}/test.jsonl",
+                   "false_alarms_per_100": test_fig["all"]["false_alarms_per_100"],
+                   "caught_per_100": test_fig["all"]["caught_per_100"],
+                   "unsure_per_100": test_fig["all"]["unsure_per_100"]}
+    blimp_dir = root / params.data.root / "blimp"
+    blimp = blimp_figures(checker, read_pairs(sorted(blimp_dir.glob("*.jsonl")))) if blimp_dir.is_dir() else {}
+    result = {"model": tag, "threshold": op.margin_threshold(), "operating_point": op.to_dict(),
+              "false_alarm_budget": svc.false_alarm_budget, "unsure_budget": svc.unsure_budget,
+              "dev": {"candidates": candidates, **dev_fig}, "test": test_fig, "blimp": blimp,
+              "readout": readout.to_dict() if readout is not None else None, "lexicon": lex.to_dict()}
+    out = Path(out or root / "metrics" / f"calibration_{tag}.json")
+    body = json.dumps({k: v for k, v in result.items() if k not in ("lexicon", "readout")}, indent=1)
+    tail = ',\n "readout": ' + json.dumps(result["readout"]) + ',\n "lexicon": ' + json.dumps(result["lexicon"])
+    write_text(out, body[:-2] + tail + "\n}\n")  # the long lists on one line each
+    return result
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -810,9 +601,9 @@ def load_checker(spec: str, params=None, root: str | Path = ".", fallback: str |
                  threshold: float | None = None) -> Checker:
     """A :class:`Checker` for model ``spec`` (``large``, a model directory or ``models:/name@alias``).
     Where ``spec`` cannot be loaded and ``fallback`` is given, the fallback model is loaded instead
-    (logged). Threshold, scale and lexicon come from the calibration file (:func:`find_calibration`);
-    without one the threshold is 0 and the lexicon is built from ``prepared/train_*.txt`` (else from the
-    vocabulary's morphology)."""
+    (logged). The operating point, readout and lexicon come from the calibration file
+    (:func:`find_calibration`); without one an error is a margin below 0 (or ``threshold``) and the lexicon
+    is built from ``prepared/train_*.txt`` (else from the vocabulary's morphology)."""
     from agreelens.model import default_device, load_model
     from agreelens.na import resolve_model
 
@@ -841,12 +632,15 @@ def load_checker(spec: str, params=None, root: str | Path = ".", fallback: str |
         lex = build_lexicon(vocab, sorted(out.glob("train_*.txt")), model)
     if not cal_path:
         log.warning("no calibration for %s (metrics/calibration_%s.json); threshold 0", tag, tag)
+    op = OperatingPoint.from_dict(cal["operating_point"]) if cal.get("operating_point") and threshold is None else None
+    readout = Readout.from_dict(cal["readout"]) if cal.get("readout") else None
+    thr = threshold if threshold is not None else cal.get("threshold")
     svc = getattr(params, "service", None)
-    return Checker(model, vocab, lex, threshold=float(threshold if threshold is not None else cal.get("threshold", 0.0)),
+    return Checker(model, vocab, lex, threshold=float(thr if thr is not None else 0.0),
                    scale=float(cal.get("scale", 1.0)), name=tag, calibrated=bool(cal_path),
                    units=load_units(tag, root, params, model_dir), stimuli=_readout_stimuli(params),
                    max_chars=getattr(svc, "max_chars", 5000), max_sentences=getattr(svc, "max_sentences", 50),
-                   notes=notes)
+                   notes=notes, op=op, readout_model=readout)
 
 
 def _resolve(spec: str, root: Path, resolve_model) -> Path:
@@ -863,35 +657,3 @@ def _readout_stimuli(params):
     n = getattr(getattr(params, "service", None), "readout_per_condition", 30)
     return params.stimuli.model_copy(update={"n_per_condition": n, "min_count": 0})
 
-
-def run_calibrate(params, name: str, root: str | Path = ".", out: str | Path | None = None) -> dict:
-    """``agreelens calibrate``: calibrate model ``name`` on ``data/blimp`` and ``prepared/test.txt``;
-    writes ``metrics/calibration_<name>.json`` (with the verb lexicon the checker uses)."""
-    import os
-
-    from agreelens.files import write_text
-    from agreelens.model import default_device, load_model
-    from agreelens.na import resolve_model
-    from agreelens.scoring import read_pairs
-
-    root = Path(root)
-    torch.set_num_threads(params.train.threads or os.cpu_count() or 1)
-    model_dir = _resolve(name, root, resolve_model)
-    model, vocab = load_model(model_dir, default_device())
-    tag = model_tag(name, model_dir, params.registry.prefix)
-    prepared = root / params.prepare.out
-    lex = build_lexicon(vocab, sorted(prepared.glob("train_*.txt")), model)
-    blimp_dir = root / params.data.root / "blimp"
-    blimp = read_pairs(sorted(blimp_dir.glob("*.jsonl"))) if blimp_dir.is_dir() else []
-    test = prepared / "test.txt"
-    lines = test.read_text(encoding="utf-8").splitlines() if test.is_file() else []
-    if not blimp and not lines:
-        raise FileNotFoundError(f"no calibration data: neither {blimp_dir}/*.jsonl nor {test}; run `dvc repro`")
-    svc = params.service
-    result = {"model": tag, **calibrate(model, vocab, lex, blimp, lines, svc.calibration_sentences,
-                                        svc.calibration_seed)}
-    result["lexicon"] = lex.to_dict()
-    out = Path(out or root / "metrics" / f"calibration_{tag}.json")
-    body = json.dumps({k: v for k, v in result.items() if k != "lexicon"}, indent=1)
-    write_text(out, body[:-2] + ',\n "lexicon": ' + json.dumps(result["lexicon"]) + "\n}\n")  # the list on one line
-    return result

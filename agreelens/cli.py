@@ -230,6 +230,22 @@ def natural(
 
 
 @app.command()
+def checkbench(params: str = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
+    """Stage: the agreement checker's benchmark (correct held-out sentences, the same with one site swapped)."""
+    from agreelens import checkbench as cb
+
+    p = _params(params, profile)
+    try:
+        counts = cb.build(p)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(err)
+    for name, c in counts.items():
+        console.print(f"{name}: {c['sentences']:,} sentences, {c['errors']:,} swapped sites; by kind "
+                      f"{c['errors_by_kind']}; by attractors {c['errors_by_attractors']}")
+    console.print(f"-> {p.checkbench.out}/dev.jsonl, {p.checkbench.out}/test.jsonl")
+
+
+@app.command()
 def parse(params: str = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """Stage: parse the training split once (spaCy): agreement sites and noun modifiers -> parsed/."""
     from agreelens.syntax import run_parse
@@ -541,25 +557,33 @@ def calibrate(
     profile: Optional[str] = ProfileOpt,
     as_json: bool = typer.Option(False, "--json", help="print one JSON object (for scripts)"),
 ) -> None:
-    """Agreement checker: the error threshold that maximises F1 on BLiMP and swapped test sentences."""
+    """Agreement checker: the operating point with the fewest misses at the false-alarm budget (dev set of the
+    checker benchmark), measured on its test set and BLiMP."""
     from agreelens.checker import run_calibrate
 
     p = _params(params, profile)
     r = _call(run_calibrate, p, model)
     tag = r["model"]
     if as_json:
-        print(json.dumps({k: v for k, v in r.items() if k != "lexicon"}))
+        print(json.dumps({k: v for k, v in r.items() if k not in ("lexicon", "readout")}))
         return
-    t = Table(title=f"calibration of {tag}: error when margin < {r['threshold']:g} "
+    op = r["operating_point"]
+    t = Table(title=f"checker {tag}: evidence {op['evidence']}, error score > {op['error_at']:.3f} "
                     f"({len(r['lexicon']['verbs'])} verbs in the lexicon)")
-    for col in ("examples", "n", "errors", "precision", "recall", "F1"):
+    for col in ("set", "sentences", "false alarms / 100", "unsure / 100", "errors", "caught / 100"):
         t.add_column(col, justify="right")
-    t.add_row("all", f"{r['n']:,}", f"{r['errors']:,}", f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}")
-    for name, s in r["sources"].items():
-        if s.get("n"):
-            t.add_row(name, f"{s['n']:,}", f"{s['errors']:,}", f"{s['precision']:.3f}", f"{s['recall']:.3f}",
-                      f"{s['f1']:.3f}")
+    for name in ("dev", "test"):
+        a = r[name]["all"]
+        t.add_row(name, f"{a['sentences']:,}", f"{a['false_alarms_per_100']}", f"{a['unsure_per_100']}",
+                  f"{a['errors']:,}", f"{a['caught_per_100']}")
     console.print(t)
+    for ev, row in r["dev"]["candidates"].items():
+        console.print(f"dev, evidence {ev}: {row['false_alarms_per_100']} false alarms and {row['caught_per_100']} "
+                      "caught per 100")
+    if r["blimp"].get("covered"):
+        b = r["blimp"]
+        console.print(f"BLiMP agreement pairs: {b['covered']:,} covered, F1 {b['f1']:.3f}, both sentences right "
+                      f"{100 * b['pairs_both_right']:.1f} %")
     console.print(f"-> metrics/calibration_{tag}.json")
 
 

@@ -16,6 +16,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agreelens.checkbench import CheckbenchConfig
 from agreelens.natural import NaturalConfig
 from agreelens.stimuli import StimuliConfig
 from agreelens.syntax import SyntaxConfig
@@ -152,8 +153,8 @@ class ServiceConfig(_Section):
     api_key_env: str = "AGREELENS_API_KEY"  # when this variable is set, POSTs need its value (X-API-Key)
     batch_max_size: int = Field(32, ge=1)  # /check_batch adaptive batching: texts per batch
     batch_max_latency_ms: int = Field(1000, ge=1)
-    calibration_sentences: int = Field(0, ge=0)  # test-split sentences used by `calibrate` (0 = all)
-    calibration_seed: int = 1
+    false_alarm_budget: float = Field(4.0, ge=0, le=100)  # `calibrate`: errors per 100 correct dev sentences
+    unsure_budget: float = Field(12.0, ge=0, le=100)  # ... flagged "unsure" or worse per 100 correct dev sentences
     readout_per_condition: int = Field(30, ge=2)  # NA pairs per condition for the explanation's readout
 
 
@@ -240,6 +241,7 @@ class Params(_Section):
     augment: AugmentParams = AugmentParams()
     stimuli: StimuliConfig = StimuliConfig()
     natural: NaturalConfig = NaturalConfig()
+    checkbench: CheckbenchConfig = CheckbenchConfig()
     syntax: SyntaxConfig = SyntaxConfig()
     analysis: AnalysisConfig = AnalysisConfig()
     registry: RegistryConfig = RegistryConfig()

@@ -69,6 +69,14 @@ def natural_task(params: Params) -> dict:
     return build(params, train_files=sorted(Path(params.prepare.out).glob("train_*.txt")), progress=False)
 
 
+@task
+def checkbench_task(params: Params) -> dict:
+    """The agreement checker's benchmark (``checkbench/{dev,test}.jsonl``)."""
+    from agreelens.checkbench import build
+
+    return build(params, progress=False)
+
+
 @task(task_run_name="quality-gate-{suite}")
 def quality_gate_task(params: Params, suite: str) -> dict:
     """Great Expectations suite ``raw``, ``augmented`` or ``syntax``; raises ``QualityGateError`` (naming the failed
@@ -187,11 +195,11 @@ def report_task(params: Params) -> str:
 
 @task(task_run_name="calibrate-{name}")
 def calibrate_task(params: Params, name: str) -> dict:
-    """The checker's threshold for this model (``metrics/calibration_<name>.json``), registered with it."""
+    """The checker's operating point for this model (``metrics/calibration_<name>.json``), registered with it."""
     from agreelens.checker import run_calibrate
 
     r = run_calibrate(params, name)
-    return {k: r[k] for k in ("threshold", "precision", "recall", "f1", "n")}
+    return {"operating_point": r["operating_point"], "test": r["test"]["all"]}
 
 
 @task(retries=2, retry_delay_seconds=5)  # I/O: the tracking/registry store
@@ -289,6 +297,7 @@ def prepare_flow(params: Params) -> dict:
     stats = prepare_task(params)
     stimuli_task(params)
     natural_task(params)
+    checkbench_task(params)
     return stats
 
 

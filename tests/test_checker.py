@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from agreelens.ablation import ablate, verb_margins
-from agreelens.checker import (Checker, InputError, Lexicon, _best_f1, blimp_examples, calibrate, find_sites,
+from agreelens import checkbench
+from agreelens.checker import (Checker, InputError, Lexicon, blimp_examples, blimp_figures, find_sites,
                                load_checker, morph_pairs, token_spans, validate_pairs, validate_text,
                                verb_evidence)
+from agreelens.verdicts import OperatingPoint, choose_operating_point, rates, threshold_for_budget
 from agreelens.config import ModelConfig
 from agreelens.model import RNNModel, save_model
 from agreelens.scoring import pair_margins, score_pairs
@@ -58,7 +60,8 @@ def sites_of(sentence, lexicon, vocab):
     ("the boys near the car likes the girl .", [(5, "likes", "verb", "singular", "like")]),
     ("the boy who like cats is here .", [(3, "like", "verb", "plural", "likes"), (5, "is", "aux", "singular", "are")]),
     ("where are the boys ?", []),  # inverted question: the subject comes after the auxiliary
-    ("there is a dog .", []),  # expletive: the number is the noun's after it
+    ("there is a dog .", [(1, "is", "there", "singular", "are")]),  # expletive: judged through the noun after it
+    ("there is a red .", []),  # ... and no site without a noun within reach
     ("are the boys here ?", []),  # sentence-initial auxiliary
     ("he doesn't like cats .", [(1, "doesn't", "aux", "singular", "don't")]),  # like: after do-support
     ("i want to go .", [(1, "want", "verb", "plural", "wants")]),  # go: after to
@@ -174,18 +177,113 @@ def test_check_many_equals_check_and_margins_equal_the_scorer(vocab, lexicon):
 # ---------------------------------------------------------------------------------------- calibration
 
 
-def test_best_f1_threshold():
-    margins = torch.tensor([-3.0, -2.0, -1.5, 1.0, 2.0, 3.0], dtype=torch.float64)
-    labels = torch.tensor([1, 1, 0, 1, 0, 0])
-    thr, best = _best_f1(margins, labels)
-    # errors predicted below thr: {-3,-2} gives F1 0.8, {-3,-2,-1.5,1} gives 6/7; the best
-    assert -1.0 < thr < 2.0 and best["f1"] == pytest.approx(round(6 / 7, 4))
-    thr, best = _best_f1(torch.tensor([-2.0, -1.0, 1.0, 2.0]), torch.tensor([1, 1, 0, 0]))
-    assert -1.0 < thr < 1.0 and best["f1"] == 1.0 and best["precision"] == best["recall"] == 1.0
+@pytest.mark.parametrize("sentence, expected", [
+    ("each of the boys like cats .", [(4, "like", "quantified", "plural", "singular")]),
+    ("one of the girls that like cats walks .", [(5, "like", "verb", "plural", None),  # relative clause: skipped
+                                                 (7, "walks", "quantified", "singular", "singular")]),
+    ("every one of the cars is red .", [(5, "is", "quantified", "singular", "singular")]),
+    ("the boy and the girl is here .", [(5, "is", "coordinated", "singular", "plural")]),
+    ("the boy near the girl and the dog is here .", [(8, "is", "aux", "singular", None)]),  # "and" inside a PP
+    ("the boy and i like it .", [(4, "like", "verb", "plural", None)]),  # after a pronoun: its own subject
+    ("there are a car here .", [(1, "are", "there", "plural", None)]),
+])
+def test_quantified_coordinated_and_there_sites(sentence, expected, lexicon, vocab):
+    got = [(s.position, s.word, s.kind, s.number, s.subject_number) for s in find_sites(sentence.split(), lexicon, vocab)]
+    assert got == expected
+    (there,) = [s for s in find_sites("there are a car here .".split(), lexicon, vocab)]
+    assert (there.span_end, there.controller) == (3, 3)
 
 
-def test_calibrate_on_blimp_pairs_and_swapped_sentences(vocab, lexicon):
-    model = agreement_bigram(vocab, gap=2.0)
+def test_subject_pattern_decides_and_says_so(vocab, lexicon):
+    checker = Checker(agreement_bigram(vocab), vocab, lexicon, calibrated=True)
+    r = checker.check("Each of the boys like cats. The boy and the girl are here.")
+    a, b = (sent["sites"][0] for sent in r["sentences"])
+    assert (a["word"], a["verdict"], a["suggestion"]) == ("like", "error", "likes")
+    assert a["evidence"]["decided_by"] == "subject" and a["evidence"]["subject_number"] == "singular"
+    assert (b["word"], b["kind"], b["verdict"]) == ("are", "coordinated", "ok")
+
+
+def test_there_site_compares_both_sentences_through_the_noun(vocab, lexicon):
+    # bigram: 'is'/'are' equally likely after 'there'; 'car' after 'a' as likely either way; the noun decides
+    # through P(a | is) vs P(a | are): log 4 apart
+    logits = torch.zeros(len(vocab), len(vocab))
+    logits[vocab.stoi["is"], vocab.stoi["a"]] = math.log(4.0)
+    checker = Checker(BigramLM(logits), vocab, lexicon, calibrated=True)
+    (site,) = checker.check("There is a car.")["sentences"][0]["sites"]
+    (bad,) = checker.check("There are a car.")["sentences"][0]["sites"]
+    # log P(is a car) - log P(are a car): the normaliser after 'is' grows with exp(log 4) = 4 for one word
+    n = len(vocab)
+    expect = math.log(4.0) - math.log(n - 1 + 4.0) + math.log(n)
+    assert site["margin"] == pytest.approx(expect, abs=1e-4) and bad["margin"] == pytest.approx(-expect, abs=1e-4)
+    assert (site["kind"], site["verdict"], bad["verdict"]) == ("there", "ok", "error")
+    assert site["evidence"]["decided_by"] == "there: verb to noun"
+
+
+def test_sentence_without_a_site_is_reported(vocab, lexicon):
+    r = Checker(agreement_bigram(vocab), vocab, lexicon, calibrated=True).check("The boy likes cats. Red cars.")
+    assert [s["checkable"] for s in r["sentences"]] == [True, False]
+    assert "no agreement site to check in sentence(s) 1" in r["notes"]
+
+
+def test_threshold_for_budget_gives_the_stated_false_alarm_rate():
+    # 10 correct sentences, their highest scores 9, 8, ..., 0 (sentence 0 has two sites)
+    scores = torch.tensor([9.0, -5.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0, 0.0], dtype=torch.float64)
+    sentence = torch.tensor([0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9])
+    for budget, flagged in ((0.0, 0), (10.0, 1), (25.0, 2), (30.0, 3), (100.0, 10)):
+        t = threshold_for_budget(scores, sentence, 10, budget)
+        assert rates(scores > t, sentence, 10) == pytest.approx(10.0 * flagged)
+
+
+def test_operating_point_on_a_planted_dev_set():
+    # correct sites at margins 1..20 (one per sentence), errors at -1..-20: any threshold between is perfect;
+    # one correct sentence at margin -30 is the unavoidable false alarm of 1 in 21
+    ok_m = torch.tensor([*range(1, 21), -30.0], dtype=torch.float64)
+    err_m = -torch.arange(1, 21, dtype=torch.float64)
+    ok = {"margin": ok_m, "readout": torch.zeros(21, dtype=torch.float64), "kind": ["aux"] * 21}
+    err = {"margin": err_m, "readout": torch.zeros(20, dtype=torch.float64), "kind": ["aux"] * 20}
+    op, table = choose_operating_point(ok, err, torch.arange(21), 21, 20, budget=5.0, unsure_budget=5.0,
+                                       evidences=("margin",))
+    s_ok, s_err = op.scores(ok_m, ok["readout"], ok["kind"]), op.scores(err_m, err["readout"], err["kind"])
+    assert int((s_ok > op.error_at).sum()) == 1 and int((s_err > op.error_at).sum()) == 20
+    assert table["margin"] == {"false_alarms_per_100": round(100 / 21, 2), "caught_per_100": 100.0,
+                               "weights": op.to_dict()["weights"]}
+    assert op.weights["*"][0] < 0 and op.unsure_at is None  # a larger margin is less of an error
+    # a budget of 0 leaves even the planted sentence unflagged and still catches the errors below -30 only
+    op0, _ = choose_operating_point(ok, err, torch.arange(21), 21, 20, 0.0, 0.0, ("margin",))
+    assert int((op0.scores(err_m, err["readout"], err["kind"]) > op0.error_at).sum()) == 0
+
+
+def test_unsure_is_shown_and_never_counted_as_an_error(vocab, lexicon):
+    model = agreement_bigram(vocab)  # correct sites at margin +3, swapped at -3
+    op = OperatingPoint("margin", {"*": [-1.0, 0.0, 0.0]}, error_at=4.0, unsure_at=2.0)
+    r = Checker(model, vocab, lexicon, op=op, calibrated=True).check("The boys likes it. The boy likes it.")
+    bad, good = (sent["sites"][0] for sent in r["sentences"])
+    assert (bad["verdict"], bad["suggestion"], good["verdict"]) == ("unsure", "like", "ok")
+    assert r["n_errors"] == 0 and r["n_unsure"] == 1
+    assert bad["confidence"] == pytest.approx(1 / (1 + math.exp(-3.0)), abs=1e-4)
+
+
+def test_benchmark_figures_of_a_hand_set_model(vocab, lexicon):
+    checker = Checker(agreement_bigram(vocab), vocab, lexicon, calibrated=True)
+    records = [
+        {"text": "The boy likes the girl.", "source": "s", "doc": "1",
+         "errors": [{"position": 2, "word": "likes", "alternate": "like", "kind": "verb", "n_attractors": 0}]},
+        {"text": "The boy near the cars likes it.", "source": "s", "doc": "2",  # the bigram reads 'cars'
+         "errors": [{"position": 5, "word": "likes", "alternate": "like", "kind": "verb", "n_attractors": 1}]},
+        {"text": "The dog runs.", "source": "t", "doc": "3",
+         "errors": [{"position": 2, "word": "runs", "alternate": "run", "kind": "verb", "n_attractors": 0}]},
+    ]
+    ex = checkbench.examples(checker, records)
+    f = checkbench.figures(checker.op, ex)
+    assert f["all"] == {"sentences": 3, "false_alarms_per_100": round(100 / 3, 2), "unsure_per_100": 0.0,
+                        "errors": 3, "caught_per_100": round(100 / 3, 2)}  # runs: no site, a miss
+    assert f["by_attractors"]["1"] == {"sites": 1, "false_alarms_per_100": 100.0, "errors": 1, "caught_per_100": 0.0}
+    assert f["by_attractors"]["0"]["caught_per_100"] == 50.0 and f["by_source"]["t"]["caught_per_100"] == 0.0
+    assert f["sites_f1"] == {"precision": 0.5, "recall": round(1 / 3, 4), "f1": 0.4}
+
+
+def test_blimp_pairs_at_the_operating_point(vocab, lexicon):
+    checker = Checker(agreement_bigram(vocab, gap=2.0), vocab, lexicon, calibrated=True)
     blimp = [
         {"sentence_good": "The boy likes the girl.", "sentence_bad": "The boy like the girl.", "UID": "r1", "pairID": "0"},
         {"sentence_good": "The boys like the girl.", "sentence_bad": "The boy like the girl.", "UID": "r2", "pairID": "1"},
@@ -193,25 +291,9 @@ def test_calibrate_on_blimp_pairs_and_swapped_sentences(vocab, lexicon):
         {"sentence_good": "The dog runs.", "sentence_bad": "The dogs runs.", "UID": "r2", "pairID": "3"},  # no site
     ]
     sents, sites, labels, covered = blimp_examples(lexicon, vocab, blimp)
-    assert covered == 3 and labels == [0, 1, 0, 1, 0, 1]
-    test = ["the boy likes the girl .", "the dogs are red .", "where is the car ?", "the men like it ."]
-    r = calibrate(model, vocab, lexicon, blimp, test)
-    assert r["f1"] == 1.0 and r["precision"] == 1.0 and r["recall"] == 1.0
-    assert r["threshold"] == 0.0  # midway between the margins of the errors (-2) and of the correct sites (+2)
-    assert r["n"] == 6 + 2 * 3 and r["errors"] == 3 + 3
-    assert r["sources"]["blimp"]["covered"] == 3 and r["sources"]["test"]["with_sites"] == 3
-    # separable: the likelihood of sigmoid(scale x (threshold - margin)) grows with the scale without bound,
-    # the fit stops at the top of its grid (10^1.5)
-    assert r["scale"] == pytest.approx(10 ** 1.5, abs=1e-4)
-    # an attractor pair the bigram gets wrong both ways (it reads 'cars'): 12 of 14 examples lie on the right
-    # side of the threshold 0, all at distance 2; the likelihood is largest where sigmoid(2 scale) = 12/14,
-    # scale = ln(6) / 2 (the fit's grid is spaced by a factor 10^0.025, 6 %)
-    attractor = {"sentence_good": "The boy near the cars likes it.", "sentence_bad": "The boy near the cars like it.",
-                 "UID": "r3", "pairID": "4"}
-    r = calibrate(model, vocab, lexicon, [*blimp, attractor], test)
-    assert r["threshold"] == 0.0 and r["n"] == 8 + 2 * 3 and r["errors"] == 4 + 3
-    assert r["precision"] == r["recall"] == round(6 / 7, 4) and r["sources"]["blimp"]["f1"] == 0.75
-    assert r["scale"] == pytest.approx(math.log(6) / 2, rel=0.06)
+    assert covered == 3 and labels == [0, 1, 0, 1, 0, 1] and [s.word for _, s in sites][:2] == ["likes", "like"]
+    r = blimp_figures(checker, blimp)
+    assert (r["covered"], r["f1"], r["pairs_both_right"]) == (3, 1.0, 1.0)
 
 
 # ---------------------------------------------------------------------------------------- explain
@@ -268,7 +350,7 @@ def test_explanation_ablation_equals_agreelens_ablate(na_vocab, softmax):
     # P(plural) per step: the fitted logistic readout on the traced layer-2 h of that step (what the readout
     # learns: test_explain_on_a_planted_number_unit)
     fit = checker.readout()
-    z = ((tr.h[1, :, 0] - fit["mean"]) / fit["std"]) @ fit["w"] + fit["b"]
+    z = ((tr.h[1, :, 0] - fit.mean) / fit.std) @ fit.w + fit.b
     assert ro["p_plural"] == pytest.approx(torch.sigmoid(z).tolist(), abs=1e-4)
 
 
@@ -350,6 +432,15 @@ def test_load_checker_falls_back_and_reads_the_calibration(tmp_path, vocab, monk
     # a calibration shipped in the model directory wins over metrics/
     (tmp_path / "models" / "tiny" / "calibration.json").write_text(json.dumps({**cal, "threshold": 1.5}))
     assert load_checker("tiny", root=tmp_path).threshold == 1.5
+    # an operating point (and readout) shipped with the calibration decide the verdicts
+    op = OperatingPoint("margin+readout", {"*": [-1.0, -0.5, 0.25]}, error_at=1.0, unsure_at=0.5,
+                        expected={"false_alarms_per_100": 3.0})
+    readout = {"state": "L2.h", "mean": [0.0] * H, "std": [1.0] * H, "w": [0.1] * H, "b": 0.0}
+    (tmp_path / "models" / "tiny" / "calibration.json").write_text(json.dumps(
+        {**cal, "threshold": None, "operating_point": op.to_dict(), "readout": readout}))
+    c = load_checker("tiny", root=tmp_path)
+    assert c.op == op and c.op.uses_readout and c.readout_for_verdicts().w.tolist() == pytest.approx([0.1] * H)
+    assert c.check("The boys like it.")["operating_point"]["expected"] == {"false_alarms_per_100": 3.0}
 
 
 @pytest.mark.slow
@@ -358,15 +449,23 @@ def test_calibrate_and_check_cli(project, vocab):
     model = random_lstm(vocab, "adaptive")
     save_model(model, vocab, root / "models" / "tiny", extra={"name": "tiny"})
     (root / "prepared").mkdir()
-    (root / "prepared" / "test.txt").write_text("the boy likes the girl .\nthe boys like it .\nhe walks .\n")
+    rec = lambda text, pos, word, alt: {"text": text, "source": "s", "doc": text, "errors": [  # noqa: E731
+        {"position": pos, "word": word, "alternate": alt, "kind": "verb", "n_attractors": 0}]}
+    for split in ("dev", "test"):
+        (root / "checkbench").mkdir(exist_ok=True)
+        (root / "checkbench" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+            rec("The boy likes the girl.", 2, "likes", "like"), rec("The boys like it.", 2, "like", "likes"),
+            rec("He walks to school.", 1, "walks", "walk")]))
     out = run_cli(["calibrate", "--model", "tiny", "--json"], cwd=root)
     r = json.loads(out.stdout)
     cal = json.loads((root / "metrics" / "calibration_tiny.json").read_text())
-    assert {"threshold", "precision", "recall", "f1", "n"} <= set(r) and cal["threshold"] == r["threshold"]
-    assert cal["lexicon"]["verbs"] and r["sources"]["blimp"]["pairs"] == 6000
+    assert cal["operating_point"] == r["operating_point"] and cal["lexicon"]["verbs"]
+    assert r["test"]["all"]["sentences"] == 3 and r["test"]["all"]["errors"] == 3 and r["blimp"]["pairs"] == 6000
+    assert r["operating_point"]["expected"]["caught_per_100"] == r["test"]["all"]["caught_per_100"]
     out = run_cli(["check", "The boys likes the girl.", "--model", "tiny", "--json"], cwd=root)
     c = json.loads(out.stdout)
-    assert c["threshold"] == cal["threshold"] and c["sentences"][0]["tokens"][:3] == ["the", "boys", "likes"]
+    assert c["operating_point"]["error_at"] == round(cal["operating_point"]["error_at"], 4)
+    assert c["sentences"][0]["tokens"][:3] == ["the", "boys", "likes"]
     assert any(s["word"] == "likes" for s in c["sentences"][0]["sites"])
     bad = run_cli(["check", "   ", "--model", "tiny"], cwd=root, check=False)
     assert bad.returncode == 2 and "empty" in bad.stderr
