@@ -153,9 +153,10 @@ def synthesize(lines: list[str], parsed: list[dict], cfg: SyntaxConfig) -> tuple
     return out, stats
 
 
-def run_augment_syntax(params) -> dict:
+def run_augment_syntax(params, metrics_path: str | Path | None = "metrics/syntax.json") -> dict:
     """Stage ``augment_syntax``: ``<out>/pairs.tsv`` and ``<out>/train_<model>.txt`` (see the module
-    docstring); with ``enabled: false`` each model's text is the BERT-augmented text alone."""
+    docstring); with ``enabled: false`` each model's text is the BERT-augmented text alone. The counts go
+    to ``metrics_path`` (None: not written)."""
     from agreelens.corpus import read_split
 
     cfg = params.syntax
@@ -182,6 +183,7 @@ def run_augment_syntax(params) -> dict:
         stats["models"][name] = {"sentences": len(base) + len(synthetic), "synthetic": len(synthetic),
                                  "tokens": sum(len(x.split()) for x in base + synthetic),
                                  "synthetic_tokens": sum(len(x.split()) for x in synthetic)}
-    Path("metrics").mkdir(exist_ok=True)
-    Path("metrics/syntax.json").write_text(json.dumps(stats, indent=2) + "\n")
+    if metrics_path:
+        Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(metrics_path).write_text(json.dumps(stats, indent=2) + "\n")
     return stats

@@ -6,7 +6,10 @@ Arms of one model size (default ``large``), same corpus, vocabulary, epochs, see
 - ``margin``: + the agreement margin loss (``train.agreement_loss`` of params.yaml, NA-task verbs never in it);
 - ``syntax``: the plain loss on the text with syntax-aware augmentation (``syntax/train_<model>.txt``:
   modifiers holding a noun of the other number inserted between subject and verb);
-- ``margin+syntax``: both.
+- ``margin+syntax``: both;
+- ``margin+mixed``: the margin loss on syntax-aware text whose inserted modifiers hold a noun of the other
+  number half of the time (``syntax.other_number: 0.5``) and of the subject's own number otherwise, so the
+  noun next to the verb no longer tells the verb's number the opposite way.
 
 Settings are chosen on **dev** (natural-text dev items with at least one attractor, the NA task's dev
 lexicon); the test columns (natural test by attractor count, the NA task's test lexicon) chose nothing.
@@ -31,13 +34,27 @@ from agreelens.na import evaluate_na  # noqa: E402
 from agreelens.plots import save_figure  # noqa: E402
 from agreelens.train import Paths, train  # noqa: E402
 
-ARMS = {"plain": (False, False), "margin": (True, False), "syntax": (False, True), "margin+syntax": (True, True)}
+# arm: (margin loss, syntax-aware text: None = off, else the share of other-number modifiers; 1.0 = the pipeline's)
+ARMS = {"plain": (False, None), "margin": (True, None), "syntax": (False, 1.0), "margin+syntax": (True, 1.0),
+        "margin+mixed": (True, 0.5)}
 BUCKETS = ("0", "1", "2+")
 
 
-def _arm(params, margin: bool, syntax: bool):
+def _arm(params, margin: bool, other_number: float | None, work: Path):
+    """The arm's settings and the folder of its training text (written here when it is not the pipeline's)."""
+    from agreelens.syntax import run_augment_syntax
+
     t = params.train.model_copy(update={"agreement_loss": params.train.agreement_loss if margin else 0.0})
-    return params.model_copy(update={"train": t}), Path(params.syntax.out if syntax else params.augment.out)
+    arm_params = params.model_copy(update={"train": t})
+    if other_number is None:
+        return arm_params, Path(params.augment.out)
+    if other_number == params.syntax.other_number:
+        return arm_params, Path(params.syntax.out)
+    text_dir = work / "syntax"
+    if not (text_dir / "pairs.tsv").is_file():
+        s = params.syntax.model_copy(update={"other_number": other_number, "out": str(text_dir), "enabled": True})
+        run_augment_syntax(params.model_copy(update={"syntax": s}), metrics_path=text_dir / "syntax.json")
+    return arm_params, text_dir
 
 
 def _pooled(att: dict, keys) -> tuple[float, int]:
@@ -83,9 +100,9 @@ def main() -> None:
     name, out = args.model, Path(args.out)
     results = {}
     for arm in args.arms.split(","):
-        margin, syntax = ARMS[arm]
-        arm_params, text_dir = _arm(params, margin, syntax)
+        margin, other_number = ARMS[arm]
         work = Path(args.work) / f"{name}_{arm.replace('+', '_')}"
+        arm_params, text_dir = _arm(params, margin, other_number, work)
         pipeline_text = Path(params.syntax.out if params.syntax.enabled else params.augment.out)
         if arm_params.train == params.train and text_dir == pipeline_text and not args.retrain \
                 and Path(f"metrics/train_{name}.json").is_file():
