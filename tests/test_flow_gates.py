@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 
 pytest.importorskip("prefect")
 
-EXPECTED = ["restore", "prepare", "stimuli", "natural", "validate:raw", "finetune", "augment", "validate:augmented",
+EXPECTED = ["restore", "prepare", "stimuli", "natural", "checkbench", "validate:raw", "finetune", "augment", "validate:augmented",
             "parse", "augment_syntax", "validate:syntax", "train:small", "train:large", "evaluate", "evaluate_na:small", "evaluate_na:large",
             "calibrate:small", "calibrate:large", "table6",
             "sweep:small", "sweep:large", "units:small", "units:large", "probe:small", "probe:large", "report",
@@ -31,6 +31,7 @@ def stand_ins(tmp_path, monkeypatch):
     """Temporary project (params.yaml only) and every library function the flows call, recording calls."""
     import agreelens.ablation
     import agreelens.augment
+    import agreelens.checkbench
     import agreelens.checker
     import agreelens.corpus
     import agreelens.data
@@ -96,13 +97,14 @@ def stand_ins(tmp_path, monkeypatch):
         (agreelens.augment, "run_finetune", rec("finetune", mlm)),
         (agreelens.augment, "run_augment", rec("augment", aug)),
         (agreelens.natural, "build", rec("natural", {})),
+        (agreelens.checkbench, "build", rec("checkbench", {})),
         (agreelens.syntax, "run_parse", rec("parse", {})),
         (agreelens.syntax, "run_augment_syntax", rec("augment_syntax", {})),
         (agreelens.train, "train", rec("train", {"best_valid_ppl": 50.0, "epochs": 1, "tokens_per_second": 100})),
         (agreelens.evaluate, "evaluate", rec("evaluate", {})),
         (agreelens.na, "evaluate_na", rec("evaluate_na", {"accuracy": 0.5})),
-        (agreelens.checker, "run_calibrate", rec("calibrate", {"threshold": 0.2, "precision": 1.0, "recall": 1.0,
-                                                                "f1": 1.0, "n": 2})),
+        (agreelens.checker, "run_calibrate", rec("calibrate", {"operating_point": {"error_at": 2.0},
+                                                                "test": {"all": {"false_alarms_per_100": 3.0}}})),
         (agreelens.na, "table6", rec("table6", "| Table 6 |")),
         (agreelens.ablation, "run_sweep", rec("sweep", (sweep, None, None))),
         (agreelens.figures, "run_units", rec("units", {"units": [3]})),
