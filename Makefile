@@ -13,7 +13,7 @@ export MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow.db
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 
-.PHONY: run test install data repro report bench clean services services-stop container-test container-test-tiny
+.PHONY: run test install data repro report stages bench clean services services-stop container-test container-test-tiny
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,7 @@ data: install
 	$(BIN)/agreelens data
 	@$(BIN)/dvc status data.dvc
 
+# the pipeline of agreelens/stages.py; its last stage registers both models (metrics/register_<model>.json)
 repro: data
 	$(BIN)/dvc repro
 
@@ -38,6 +39,10 @@ run: repro
 
 report: install
 	$(BIN)/agreelens report
+
+# dvc.yaml from the stage registry (agreelens/stages.py); `agreelens stages` lists the stages in order
+stages: install
+	$(BIN)/agreelens stages --emit
 
 test: install
 	$(PY) -m pytest -q

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from agreelens.config import ParamsError, load_params
+from agreelens.config import PROFILE_ENV, ParamsError, load_params
 from agreelens.tracking import setup_env
 
 app = typer.Typer(
@@ -25,15 +25,22 @@ console = Console()
 err_console = Console(stderr=True)
 
 ParamsOpt = typer.Option("params.yaml", "--params", help="settings file (the one source of truth)")
-ProfileOpt = typer.Option(None, "--profile", help="profile of params.yaml to apply (default: its `profile` key)")
+ProfileOpt = typer.Option(None, "--profile", help="profile of params.yaml to apply to this command alone (default: "
+                                                  "its `profile` key, the one that `dvc repro` uses)")
 ModelOpt = typer.Option(..., "--model", "-m", help="model name under models/ or a model directory")
 StimuliOpt = typer.Option("stimuli", "--stimuli", help="folder of NA stimuli (.jsonl)")
 
 
 def _params(path: str, profile: Optional[str]):
+    """Settings of ``path``: ``--profile``, else the file's ``profile`` key (never the environment, so that a
+    command run by ``dvc repro`` computes what params.yaml, which DVC tracks, says)."""
     setup_env()
+    env = os.environ.get(PROFILE_ENV)
+    if env and not profile:
+        err_console.print(f"[yellow]note:[/yellow] {PROFILE_ENV}={env} is ignored: agreelens commands use "
+                          f"the `profile` of {path} (or --profile)")
     try:
-        return load_params(path, profile)
+        return load_params(path, profile, env=False)
     except ParamsError as err:
         err_console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
@@ -473,15 +480,51 @@ def register(
     params: str = ParamsOpt,
     profile: Optional[str] = ProfileOpt,
 ) -> None:
-    """Register a trained model in the MLflow Model Registry; `champion` moves only to a better model."""
-    from agreelens.registry import register_model
+    """Stage: register a trained model in the MLflow Model Registry (`champion` moves only to a better model);
+    metrics/register_<model>.json records the version and its aliases."""
+    from agreelens.registry import register_model, write_record
 
     p = _params(params, profile)
     try:
         d = register_model(p, model)
     except FileNotFoundError as err:
         _fail(err)
-    console.print(f"{d.name} version {d.version} -> @{d.alias}: {d.reason}")
+    out = write_record(d, Path("metrics") / f"register_{Path(model).name}.json")
+    console.print(f"{d.name} version {d.version} -> @{d.alias}: {d.reason} ({out})")
+
+
+@app.command("stages")
+def stages_cmd(
+    emit: bool = typer.Option(False, "--emit", help="write dvc.yaml (--out) from the registry agreelens/stages.py"),
+    check: bool = typer.Option(False, "--check", help="exit 1 when dvc.yaml (--out) differs from the registry's"),
+    out: str = typer.Option("dvc.yaml", "--out", help="the pipeline file to write or check"),
+    params: str = ParamsOpt,
+) -> None:
+    """The pipeline's stages in run order (agreelens/stages.py): command, outputs, code dependencies."""
+    from agreelens import stages as reg
+
+    p = _params(params, None)
+    if emit or check:
+        text = _call(reg.emit, params)
+        if check:
+            if not Path(out).is_file() or Path(out).read_text(encoding="utf-8") != text:
+                _fail(ValueError(f"{out} differs from the stage registry: run `agreelens stages --emit`"))
+            console.print(f"{out} is the registry's")
+        else:
+            Path(out).write_text(text, encoding="utf-8")
+            console.print(f"wrote {out} ({len(reg.order(reg.declare(p)))} stages)")
+        return
+    t = Table(title="pipeline stages, in the order `dvc repro` and flows/pipeline.py run them")
+    for col in ("#", "stage", "command", "outputs", "code"):
+        t.add_column(col, justify="right" if col == "#" else "left")
+    i = 0
+    for s in reg.registry(p):
+        for addr, model in s.instances():
+            i += 1
+            cmd = s.cmd.replace(reg.ITEM, model) if model else s.cmd
+            t.add_row(str(i), addr, cmd, ", ".join(s.files(model)["outs"]),
+                      f"{len(s.code)} modules: " + ", ".join(Path(c).stem for c in reg.entry_modules(s.command)) + " ...")
+    console.print(t)
 
 
 @app.command("validate")

@@ -3,7 +3,10 @@
 ``params.yaml`` holds one section per pipeline stage (``data``, ``prepare``, ``model``, ``train``,
 ``evaluate``) plus named ``profiles`` that override them. The key ``profile`` picks one; the
 ``default`` profile is the sections as written. The CLI, the flows, the service and ``dvc.yaml`` all
-read settings through :func:`load_params`.
+read settings through :func:`load_params`. For the pipeline (``agreelens`` commands, ``dvc repro``, the
+flows) the ``profile`` key of params.yaml is the only switch, so that DVC sees every change of profile
+(``--profile`` overrides it for one command run by hand); other readers such as the service may also take
+it from the environment variable ``AGREELENS_PROFILE`` (``env=True``).
 """
 
 from __future__ import annotations
@@ -269,11 +272,15 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
-def resolve(raw: dict, profile: str | None = None, source: str = "params.yaml") -> Params:
-    """Apply the chosen profile's overrides to the base sections and validate."""
+PROFILE_ENV = "AGREELENS_PROFILE"
+
+
+def resolve(raw: dict, profile: str | None = None, source: str = "params.yaml", env: bool = True) -> Params:
+    """Apply the chosen profile's overrides to the base sections and validate. The profile: ``profile``,
+    else (``env``) the variable ``AGREELENS_PROFILE``, else the file's ``profile`` key."""
     raw = dict(raw or {})
     profiles = raw.pop("profiles", {}) or {}
-    chosen = profile or os.environ.get("AGREELENS_PROFILE") or raw.get("profile", "default")
+    chosen = profile or (os.environ.get(PROFILE_ENV) if env else None) or raw.get("profile", "default")
     if chosen != "default":
         if chosen not in profiles:
             known = ", ".join(["default", *profiles]) or "default"
@@ -290,7 +297,8 @@ def resolve(raw: dict, profile: str | None = None, source: str = "params.yaml") 
         raise ParamsError("\n".join(lines)) from None
 
 
-def load_params(path: str | os.PathLike = "params.yaml", profile: str | None = None) -> Params:
+def load_params(path: str | os.PathLike = "params.yaml", profile: str | None = None, env: bool = True) -> Params:
+    """Settings of ``path`` under ``profile`` (None: see :func:`resolve`; ``env=False``: the file decides)."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: not found; run from the project root or pass --params PATH")
@@ -300,4 +308,17 @@ def load_params(path: str | os.PathLike = "params.yaml", profile: str | None = N
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
-    return resolve(raw, profile, source=str(path))
+    return resolve(raw, profile, source=str(path), env=env)
+
+
+def set_profile(path: str | os.PathLike, profile: str) -> None:
+    """Make ``profile`` the ``profile`` key of the params file ``path`` (its other lines kept as they are);
+    raises ``ParamsError`` for a profile the file does not define."""
+    import re
+
+    load_params(path, profile, env=False)
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    line = f"profile: {profile}"
+    new, n = re.subn(r"(?m)^profile:[^#\n]*?(?=[ \t]*(#|$))", line, text, count=1)
+    path.write_text(new if n else f"{line}\n{text}", encoding="utf-8")

@@ -47,6 +47,26 @@ class Decision:
     version: str
     alias: str  # champion or challenger
     reason: str
+    champion: str | None = None  # the version that holds alias champion after this registration
+
+
+def write_record(d: Decision, path: str | Path) -> Path:
+    """``path`` (JSON): the registered name and version, its aliases, the champion's version, the reason and
+    the URI to load it by (the register stage's output in ``dvc.yaml``)."""
+    import json
+
+    def num(v):
+        return int(v) if v is not None and str(v).isdigit() else v
+
+    champion = d.champion if d.champion is not None else (d.version if d.alias == "champion" else None)
+    record = {"name": d.name, "version": num(d.version), "alias": d.alias, "aliases": [d.alias],
+              "champion": num(champion), "reason": d.reason, "uri": f"models:/{d.name}/{d.version}"}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def _client():
@@ -126,7 +146,7 @@ def register(model_dir: str | Path, name: str, metrics: dict, tags: dict | None 
     alias = "champion" if promote else "challenger"
     client.set_registered_model_alias(name, alias, version)
     client.set_model_version_tag(name, version, "promotion", reason)
-    return Decision(name, version, alias, reason)
+    return Decision(name, version, alias, reason, version if promote else (str(champ.version) if champ else None))
 
 
 def fetch(uri: str, dst: str | Path | None = None) -> Path:

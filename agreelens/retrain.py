@@ -4,8 +4,8 @@ The trigger compares two DVC hashes of ``data/``: the md5 of its *current conten
 API as ``dvc commit`` would record it (:func:`data_hash`), and the ``data_dvc_md5`` tag of each registered
 model's champion (every training run and registered version carries the md5 that ``data.dvc`` held).
 A changed corpus file gives a different md5; then :func:`commit_data` records the new content in
-``data.dvc`` (and DVC's cache), :func:`repro` runs ``dvc repro`` so that ``dvc.lock`` keeps the lineage,
-and the caller registers the new models. Nothing here imports Prefect.
+``data.dvc`` (and DVC's cache), :func:`repro` runs ``dvc repro`` so that ``dvc.lock`` keeps the lineage;
+its last stage registers the new models (:func:`registration` reads what it recorded). Nothing here imports Prefect.
 """
 
 from __future__ import annotations
@@ -112,6 +112,22 @@ def commit_data(dvc_file: str | Path = "data.dvc", root: str | Path = ".") -> st
 
 
 def repro(root: str | Path = ".", profile: str | None = None) -> str:
-    """``dvc repro`` in ``root`` (``profile``: exported as AGREELENS_PROFILE; lineage records params.yaml's,
-    so prefer setting ``profile:`` there). Returns DVC's output."""
-    return _dvc(["repro"], root, {"AGREELENS_PROFILE": profile} if profile else None)
+    """``dvc repro`` in ``root``, which ends with the register stage (``metrics/register_<model>.json``).
+    ``profile``: first written as the ``profile`` of ``root``'s params.yaml, the only switch the stages
+    read (so dvc.lock records it). Returns DVC's output."""
+    if profile:
+        from agreelens.config import set_profile
+
+        set_profile(Path(root) / "params.yaml", profile)
+    return _dvc(["repro"], root)
+
+
+def registration(name: str, since: float, root: str | Path = ".") -> dict | None:
+    """What the register stage recorded for model ``name`` (``metrics/register_<name>.json``) if it was
+    written at or after ``since`` (a ``time.time()``), else None."""
+    import json
+
+    path = Path(root) / "metrics" / f"register_{name}.json"
+    if not path.is_file() or path.stat().st_mtime < since:
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))

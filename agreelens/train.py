@@ -109,10 +109,9 @@ def _fingerprint(params: Params, paths: Paths, name: str) -> str:
     t = params.train.model_dump(exclude={"checkpoint_every", "threads"})
     files = [paths.train_text, paths.prepared / "valid.txt", paths.prepared / "vocab.txt"]
     stamp = [(f.name, f.stat().st_size, tracking.params_hash(f.read_bytes()[:1 << 20])) for f in files]
-    from agreelens import lexicon, model, negatives  # the code that defines the run
+    from agreelens.stages import code_files  # the code of the run: the train stage's code dependencies
 
-    sources = (lexicon.__file__, model.__file__, negatives.__file__, __file__)
-    code = hashlib.sha1(b"".join(Path(f).read_bytes() for f in sources)).hexdigest()[:12]
+    code = hashlib.sha1(b"".join(f.read_bytes() for f in code_files("train"))).hexdigest()[:12]
     return tracking.params_hash({"model": params.model.model_dump(), "train": t, "files": stamp, "code": code})
 
 

@@ -3,14 +3,14 @@
 
     python flows/pipeline.py [--profile tiny] [--register]
 
-Flows: ``prepare_flow``, ``augment_flow`` (MLM fine-tuning, BERT augmentation), ``train_flow`` (small and
-large), ``evaluate_flow`` (test PPL, ``benchmark_flow``: NA accuracy and BLiMP, Table 6), ``inside_flow``
-(``sweep_flow`` = flow ``ablate``: the unit sweep; Table 7 + figures; ``probe_flow``: the probing classifiers;
-the report), ``register_flow`` (MLflow registry) and ``pipeline`` composing
-them in this order: prepare → quality gate ``raw`` → fine-tune MLM → augment → quality gate ``augmented``
-→ train → evaluate → inside → register. A failed gate fails the run (its message names the report
-``reports/quality/<suite>.md``) and nothing after it runs. Each flow publishes a markdown artifact with
-its key results. With ``scale.dask`` set in params.yaml the sweep (in chunks of units) and the benchmark
+``pipeline`` runs the stages of the registry ``agreelens/stages.py`` (the source of ``dvc.yaml``) in its
+order, one step each (``STEPS``): prepare → stimuli → natural benchmark → checker benchmark → quality gate
+``raw`` → fine-tune MLM → augment → quality gate ``augmented`` → parse → syntax augmentation → quality gate
+``syntax`` → train (``train_flow``: small, large) → evaluate → NA accuracy and BLiMP (``benchmark_flow``) →
+calibrate → Table 6 → unit sweep (``sweep_flow`` = flow ``ablate``) → units → probes (``probe_flow``) →
+report → register (``register_flow``, MLflow registry; with ``--register``). A failed gate fails the run
+(its message names the report ``reports/quality/<suite>.md``) and nothing after it runs. Markdown artifacts
+hold the key results. With ``scale.dask`` set in params.yaml the sweep (in chunks of units) and the benchmark
 scoring run as tasks on a Prefect ``DaskTaskRunner``. Run in the project folder (paths are the
 pipeline's). For lineage use ``dvc repro``: it runs the same code.
 """
@@ -204,9 +204,13 @@ def calibrate_task(params: Params, name: str) -> dict:
 
 @task(retries=2, retry_delay_seconds=5)  # I/O: the tracking/registry store
 def register_task(params: Params, name: str) -> dict:
-    from agreelens.registry import register_model
+    """Register ``models/<name>``; ``metrics/register_<name>.json`` records the version and its aliases (as
+    the register stage of dvc.yaml)."""
+    from agreelens.registry import register_model, write_record
 
-    return vars(register_model(params, name))
+    d = register_model(params, name)
+    write_record(d, Path("metrics") / f"register_{name}.json")
+    return vars(d)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -291,27 +295,6 @@ def augment_markdown(mlm: dict, stats: dict) -> str:
 # ------------------------------------------------------------------------------------------ flows
 
 
-@flow(name="prepare")
-def prepare_flow(params: Params) -> dict:
-    restore_data()
-    stats = prepare_task(params)
-    stimuli_task(params)
-    natural_task(params)
-    checkbench_task(params)
-    return stats
-
-
-@flow(name="augment")
-def augment_flow(params: Params) -> dict:
-    """Fine-tune the masked LM on the training split (``models/mlm``), then write the augmented training
-    text (``augmented/``); a markdown artifact holds both steps' statistics."""
-    mlm = finetune_task(params)
-    stats = augment_task(params)
-    create_markdown_artifact(augment_markdown(mlm, stats), key="augmentation",
-                             description="MLM fine-tuning and augmentation statistics")
-    return {"mlm": mlm, "augment": stats}
-
-
 @flow(name="train")
 def train_flow(params: Params) -> dict:
     out = {name: train_task(params, name) for name in params.model_names}  # one at a time: each uses every core
@@ -329,17 +312,6 @@ def benchmark_flow(params: Params) -> dict:
         futures = {name: evaluate_na_task.submit(params, name) for name in params.model_names}
         return {name: f.result() for name, f in futures.items()}
     return {name: evaluate_na_task(params, name) for name in params.model_names}
-
-
-@flow(name="evaluate")
-def evaluate_flow(params: Params) -> dict:
-    evaluate_task(params)
-    na = {name: r["accuracy"] for name, r in _with_runner(benchmark_flow, task_runner(params))(params).items()}
-    for name in params.model_names:  # as the dvc stage calibrate@<model>: never register a stale threshold
-        calibrate_task(params, name)
-    text = table6_task(params)
-    create_markdown_artifact(text, key="table6", description="Table 6: perplexity and NA accuracy")
-    return na
 
 
 @flow(name="ablate")
@@ -374,19 +346,6 @@ def probe_flow(params: Params) -> dict:
     return out
 
 
-@flow(name="inside")
-def inside_flow(params: Params) -> dict:
-    sweeps = _with_runner(sweep_flow, task_runner(params))(params)
-    found = {}
-    for name in params.model_names:
-        found[name] = {"number_units": [u["unit"] for u in sweeps[name]["number_units"]],
-                       "plotted": units_task(params, name)}
-    probe_flow(params)
-    report = report_task(params)
-    create_markdown_artifact(Path(report).read_text(), key="report", description="agreelens report")
-    return found
-
-
 @flow(name="register")
 def register_flow(params: Params) -> dict:
     out = {name: register_task(params, name) for name in params.model_names}
@@ -396,25 +355,110 @@ def register_flow(params: Params) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------ stages
+# What the pipeline flow runs for each stage of the registry (agreelens/stages.py), which gives the order:
+# the order of `dvc repro`. A step gets the settings and the run's result so far, and adds its own part.
+
+
+def _prepare(params: Params, result: dict) -> None:
+    restore_data()
+    result["prepare"] = prepare_task(params)
+
+
+def _gate(suite: str):
+    def step(params: Params, result: dict) -> None:
+        result.setdefault("quality", {})[suite] = quality_gate_task(params, suite)["success"]
+    return step
+
+
+def _finetune(params: Params, result: dict) -> None:
+    result.setdefault("augment", {})["mlm"] = finetune_task(params)
+
+
+def _augment(params: Params, result: dict) -> None:
+    """Augmentation; the markdown artifact ``augmentation`` holds its and the MLM fine-tuning's statistics."""
+    out = result.setdefault("augment", {})
+    out["augment"] = augment_task(params)
+    create_markdown_artifact(augment_markdown(out.get("mlm") or {}, out["augment"]), key="augmentation",
+                             description="MLM fine-tuning and augmentation statistics")
+
+
+def _benchmark(params: Params, result: dict) -> None:
+    result["na"] = {name: r["accuracy"]
+                    for name, r in _with_runner(benchmark_flow, task_runner(params))(params).items()}
+
+
+def _calibrate(params: Params, result: dict) -> None:
+    result["calibration"] = {name: calibrate_task(params, name) for name in params.model_names}
+
+
+def _table6(params: Params, result: dict) -> None:
+    result["table6"] = text = table6_task(params)
+    create_markdown_artifact(text, key="table6", description="Table 6: perplexity and NA accuracy")
+
+
+def _units(params: Params, result: dict) -> None:
+    sweeps = result.get("sweep") or {}
+    result["units"] = {name: {"number_units": [u["unit"] for u in (sweeps.get(name) or {}).get("number_units", [])],
+                              "plotted": units_task(params, name)} for name in params.model_names}
+
+
+def _report(params: Params, result: dict) -> None:
+    result["report"] = report = report_task(params)
+    create_markdown_artifact(Path(report).read_text(), key="report", description="agreelens report")
+
+
+STEPS = {
+    "prepare": _prepare,
+    "stimuli": lambda params, result: result.update(stimuli=stimuli_task(params)),
+    "natural": lambda params, result: result.update(natural=natural_task(params)),
+    "checkbench": lambda params, result: result.update(checkbench=checkbench_task(params)),
+    "validate_raw": _gate("raw"),
+    "finetune_mlm": _finetune,
+    "augment": _augment,
+    "validate_augmented": _gate("augmented"),
+    "parse": lambda params, result: result.setdefault("syntax", {}).update(parse=parse_task(params)),
+    "augment_syntax": lambda params, result: result.setdefault("syntax", {}).update(
+        augment=augment_syntax_task(params)),
+    "validate_syntax": _gate("syntax"),
+    "train": lambda params, result: result.update(train=train_flow(params)),
+    "evaluate": lambda params, result: result.update(evaluate=evaluate_task(params)),
+    "evaluate_na": _benchmark,
+    "calibrate": _calibrate,  # before registration, as in dvc.yaml: never register a stale threshold
+    "table6": _table6,
+    "sweep": lambda params, result: result.update(sweep=_with_runner(sweep_flow, task_runner(params))(params)),
+    "units": _units,
+    "probe": lambda params, result: result.update(probe=probe_flow(params)),
+    "report": _report,
+    "register": lambda params, result: result.update(registry=register_flow(params)),
+}
+
+
+def stage_order(params: Params) -> list[str]:
+    """The registry's stages (agreelens/stages.py) in the order this flow and ``dvc repro`` run them."""
+    from agreelens.stages import declare
+
+    names = [s.name for s in declare(params)]
+    missing, extra = set(names) - set(STEPS), set(STEPS) - set(names)
+    if missing or extra:
+        raise RuntimeError(f"flows/pipeline.py STEPS and agreelens/stages.py disagree: stages without a step "
+                           f"{sorted(missing)}, steps without a stage {sorted(extra)}")
+    return names
+
+
 @flow(name="agreelens-pipeline")
 def pipeline(params_path: str = "params.yaml", profile: str | None = None, register: bool = False) -> dict:
+    """Every stage of the registry, in its order (``register`` only with ``register``)."""
     setup_env()
-    params = load_params(params_path, profile)
+    params = load_params(params_path, profile, env=False)
     if params.scale.dask and not get_current_settings().api.url:
         get_run_logger().warning("scale.dask is set but PREFECT_API_URL is not: Dask workers in other processes "
                                  "start temporary Prefect servers of their own; run `make services` and export "
                                  "PREFECT_API_URL (flows/README.md)")
-    result = {"prepare": prepare_flow(params)}
-    result["quality"] = {"raw": quality_gate_task(params, "raw")["success"]}
-    result["augment"] = augment_flow(params)
-    result["quality"]["augmented"] = quality_gate_task(params, "augmented")["success"]
-    result["syntax"] = {"parse": parse_task(params), "augment": augment_syntax_task(params)}
-    result["quality"]["syntax"] = quality_gate_task(params, "syntax")["success"]
-    result["train"] = train_flow(params)
-    result["na"] = evaluate_flow(params)
-    result["units"] = inside_flow(params)
-    if register:
-        result["registry"] = register_flow(params)
+    result: dict = {}
+    for name in stage_order(params):
+        if name != "register" or register:
+            STEPS[name](params, result)
     return result
 
 

@@ -7,8 +7,9 @@
 Each run of ``agreelens-retrain`` compares the DVC md5 of ``data/``'s current content with the
 ``data_dvc_md5`` tag of the champion of every model in ``schedule.models`` (:mod:`agreelens.retrain`).
 Equal: it logs "corpora unchanged" and returns. Different: ``dvc commit data.dvc`` (data.dvc gets the
-new md5), ``dvc repro`` (lineage in dvc.lock), then registration (champion/challenger as
-``agreelens register``). A markdown artifact ``retrain`` records the decision.
+new md5), ``dvc repro`` (lineage in dvc.lock), whose register stage registers the models (champion or
+challenger, as ``agreelens register``; a model whose stage did not run, its inputs unchanged, is registered
+here). A markdown artifact ``retrain`` records the decision.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -78,7 +80,7 @@ def retrain_flow(params_path: str = "params.yaml", profile: str | None = None, r
     os.chdir(root)
     setup_env()
     logger = get_run_logger()
-    params = load_params(params_path, profile)
+    params = load_params(params_path, profile, env=False)
     models = list(params.schedule.models or params.model_names)
     from agreelens.retrain import decide
 
@@ -92,8 +94,11 @@ def retrain_flow(params_path: str = "params.yaml", profile: str | None = None, r
         return result
     logger.info("%s; retraining (dvc commit data.dvc, dvc repro)", reason if retrain else "forced")
     result["data_md5"] = commit_data_task()
-    repro_task(profile)
-    result["registry"] = {m: register_task(params, m) for m in models}
+    started = time.time()
+    repro_task(profile)  # its register stage registers every model (metrics/register_<model>.json)
+    from agreelens.retrain import registration
+
+    result["registry"] = {m: registration(m, started) or register_task(params, m) for m in models}
     result["retrained"] = True
     for d in result["registry"].values():
         logger.info("registered %s version %s -> @%s: %s", d["name"], d["version"], d["alias"], d["reason"])
