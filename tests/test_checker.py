@@ -469,3 +469,57 @@ def test_calibrate_and_check_cli(project, vocab):
     assert any(s["word"] == "likes" for s in c["sentences"][0]["sites"])
     bad = run_cli(["check", "   ", "--model", "tiny"], cwd=root, check=False)
     assert bad.returncode == 2 and "empty" in bad.stderr
+
+
+# ---------------------------------------------------------------------------------------- parse rule
+
+
+@pytest.fixture(scope="module")
+def nlp():
+    from agreelens.parserule import load
+
+    parser = load()
+    if parser is None:
+        pytest.skip("spaCy's en_core_web_sm is not installed")
+    return parser
+
+
+def test_parse_rule_on_hand_written_sentences(nlp):
+    from agreelens.parserule import rule_verdicts
+
+    jobs = [("The boys near the car likes the girl .".split(), [(5, "verb")]),
+            ("The boy near the cars likes the girl .".split(), [(5, "verb")]),
+            ("There is many reasons to learn English .".split(), [(1, "there")]),
+            ("I like these car .".split(), [(3, "noun")]),
+            ("The dogs are red .".split(), [(2, "aux")])]
+    assert [v[0] for v in rule_verdicts(nlp, jobs)] == [1, 0, 1, 1, 0]
+
+
+def test_hybrid_asks_the_parse_rule_only_above_ask_at(nlp, vocab, lexicon):
+    model = agreement_bigram(vocab)  # reads the word before the verb: "car likes" looks right to it
+    text = "The boys near the car likes the girl."
+    never = OperatingPoint("margin+parser", {"*": [-1.0, 0.0, 0.0]}, error_at=10.0, ask_at=-10.0)
+    (site,) = Checker(model, vocab, lexicon, op=never, parser=nlp).check(text)["sentences"][0]["sites"]
+    assert (site["verdict"], site["confidence"], site["evidence"]["parse_rule"]) == ("error", None, "error")
+    assert site["evidence"]["decided_by"] == "parse rule (margin in doubt)"
+    # above ask_at only: the LM's margin (+3 for 'likes' after 'car') stays below it, so the LM decides
+    above = OperatingPoint("margin+parser", {"*": [-1.0, 0.0, 0.0]}, error_at=10.0, ask_at=0.0)
+    (site,) = Checker(model, vocab, lexicon, op=above, parser=nlp).check(text)["sentences"][0]["sites"]
+    assert (site["verdict"], site["evidence"]["decided_by"]) == ("ok", "margin") and "parse_rule" not in site["evidence"]
+
+
+def test_load_checker_without_a_parser_uses_the_lm_operating_point(tmp_path, vocab, monkeypatch):
+    import agreelens.parserule as parserule
+
+    save_model(random_lstm(vocab, "full"), vocab, tmp_path / "models" / "tiny", extra={"name": "tiny"})
+    hybrid = OperatingPoint("margin+parser", {"*": [-1.0, 0.0, 0.0]}, 1.0, None, {"caught_per_100": 90.0}, -2.0)
+    lm = OperatingPoint("margin", {"*": [-0.5, 0.0, 0.0]}, 2.0, None, {"caught_per_100": 60.0})
+    (tmp_path / "models" / "tiny" / "calibration.json").write_text(json.dumps(
+        {"operating_point": hybrid.to_dict(), "operating_point_lm": lm.to_dict(),
+         "lexicon": {"source": "test", "verbs": [["like", "likes"]]}}))
+    monkeypatch.setattr(parserule, "load", lambda: None)
+    c = load_checker("tiny", root=tmp_path)
+    assert c.op == lm and c.parser is None and any("parse rule" in n for n in c.notes)
+    monkeypatch.setattr(parserule, "load", lambda: "a parser")
+    c = load_checker("tiny", root=tmp_path)
+    assert c.op == hybrid and c.parser == "a parser"
