@@ -173,7 +173,7 @@ class Checker:
         used = "there: verb to noun" if site.kind == "there" else "margin" if site.kind == "noun" else \
             self.op.evidence.replace("+parser", "")
         if conf is None:
-            used = f"parse rule ({used} in doubt)"
+            used = "parse rule"  # asked because the LM's error score is above ask_at
         ev = {"decided_by": used, "margin": round(margin, 4), "error_score": round(score, 4)}
         if self.op.uses_readout and site.kind in ("aux", "verb"):
             ev["readout"] = round(readout, 4)  # log-odds that the subject has the written form's number

@@ -656,15 +656,18 @@ def check(
     if as_json:
         print(json.dumps(r))
         return
-    t = Table(title=f"{r['model']}: {r['n_errors']} of {r['n_sites']} agreement site(s) flagged "
-                    f"(error when margin < {r['threshold']:g})")
-    for col in ("site", "sentence", "word", "kind", "margin", "verdict", "suggestion", "confidence"):
+    exp = r["operating_point"].get("expected") or {}
+    t = Table(title=f"{r['model']}: {r['n_errors']} of {r['n_sites']} agreement site(s) flagged, {r['n_unsure']} unsure"
+                    + (f" (expected {exp['false_alarms_per_100']} false alarms per 100 correct sentences)"
+                       if exp.get("false_alarms_per_100") is not None else ""))
+    for col in ("site", "sentence", "word", "kind", "margin", "verdict", "suggestion", "confidence", "decided by"):
         t.add_column(col, justify="right" if col in ("site", "sentence", "margin", "confidence") else "left")
     for sent in r["sentences"]:
         for s in sent["sites"]:
-            verdict = "[red]error[/red]" if s["verdict"] == "error" else "ok"
+            verdict = {"error": "[red]error[/red]", "unsure": "[yellow]unsure[/yellow]"}.get(s["verdict"], "ok")
+            conf = "" if s["confidence"] is None else f"{s['confidence']:.2f}"
             t.add_row(str(s["site"]), str(sent["index"]), s["word"], s["kind"], f"{s['margin']:+.2f}", verdict,
-                      s["suggestion"] or "", f"{s['confidence']:.2f}")
+                      s["suggestion"] or "", conf, s["evidence"]["decided_by"])
     console.print(t)
     for note in r["notes"]:
         console.print(f"[yellow]note:[/yellow] {note}")

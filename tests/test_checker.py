@@ -501,7 +501,7 @@ def test_hybrid_asks_the_parse_rule_only_above_ask_at(nlp, vocab, lexicon):
     never = OperatingPoint("margin+parser", {"*": [-1.0, 0.0, 0.0]}, error_at=10.0, ask_at=-10.0)
     (site,) = Checker(model, vocab, lexicon, op=never, parser=nlp).check(text)["sentences"][0]["sites"]
     assert (site["verdict"], site["confidence"], site["evidence"]["parse_rule"]) == ("error", None, "error")
-    assert site["evidence"]["decided_by"] == "parse rule (margin in doubt)"
+    assert site["evidence"]["decided_by"] == "parse rule"
     # above ask_at only: the LM's margin (+3 for 'likes' after 'car') stays below it, so the LM decides
     above = OperatingPoint("margin+parser", {"*": [-1.0, 0.0, 0.0]}, error_at=10.0, ask_at=0.0)
     (site,) = Checker(model, vocab, lexicon, op=above, parser=nlp).check(text)["sentences"][0]["sites"]
