@@ -51,13 +51,13 @@ sys.path.insert(0, str(ROOT))
 
 from agreelens import checkbench
 from agreelens.checkbench import BUCKETS, attractor_bucket
-from agreelens.checker import _match_case, _prf, blimp_examples, load_checker
+from agreelens.checker import _match_case, _prf, blimp_examples, find_calibration, load_checker
 from agreelens.config import load_params
 from agreelens.scoring import read_pairs
 from agreelens.parserule import cased_words, rule_verdicts
 from agreelens.sites import KINDS
 from agreelens.text import tokenize
-from agreelens.verdicts import site_evidence
+from agreelens.verdicts import OperatingPoint, site_evidence
 
 
 def per100(a: int, b: int) -> float | None:
@@ -125,8 +125,9 @@ def natural_rule(nlp, ex: dict) -> tuple[list, list]:
     return on_ok, [v[0] for v in verdicts[len(by_rec):]]
 
 
-def blimp_part(checker, nlp, pairs: list[dict]) -> dict:
-    """BLiMP agreement pairs: the checker and the rule at the same sites, overall and per phenomenon."""
+def blimp_part(checker, nlp, pairs: list[dict], op_lm=None) -> dict:
+    """BLiMP agreement pairs: the checker (and at ``op_lm``, the language model alone) and the rule at the
+    same sites, overall and per phenomenon."""
     sents, sites, labels, uids, cased, covered = [], [], [], [], [], 0
     for p in pairs:
         s, st, lab, cov = blimp_examples(checker.lexicon, checker.vocab, [p])
@@ -140,7 +141,10 @@ def blimp_part(checker, nlp, pairs: list[dict]) -> dict:
     m, r = site_evidence(checker.model, checker.vocab, sents, sites, checker.readout_for_verdicts(), checker.batch_size)
     rule = [v[0] for v in rule_verdicts(nlp, [(w, [(x.position, x.kind)]) for w, (_, x) in zip(cased, sites)])]
     part = {"margin": m, "readout": r, "meta": [{"site": x} for _, x in sites], "rule": rule}
-    flags = {"checker": (checkbench.verdict_codes(checker.op, part) == 2).tolist(), "rule": [bool(v) for v in rule]}
+    flags = {"checker": (checkbench.verdict_codes(checker.op, part) == 2).tolist()}
+    if op_lm is not None:
+        flags["checker, LM only"] = (checkbench.verdict_codes(op_lm, part) == 2).tolist()
+    flags["spaCy rule"] = [bool(v) for v in rule]
 
     def prf(sel) -> dict:
         idx = [i for i in range(len(labels)) if sel(i)]  # good, bad, good, bad, ...
@@ -157,43 +161,72 @@ def blimp_part(checker, nlp, pairs: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------- report
 
 
-def table_rows(ours: dict, base: dict, bl: dict) -> list[tuple[str, str, str, str]]:
-    """(row, n, checker, rule) for the console and the markdown table."""
+def table_rows(systems: dict, bl: dict) -> list[tuple]:
+    """(row, n, one cell per system) for the console and the markdown table; ``systems``: name -> natural
+    figures; ``bl``: the BLiMP part (``bl["all"][name]``)."""
     f = lambda x, d=1: "-" if x is None else f"{x:.{d}f}"  # noqa: E731
     prf = lambda d: f"{d['precision']:.3f} / {d['recall']:.3f} / {d['f1']:.3f}"  # noqa: E731
     both = lambda d, d2: f"{f(d['caught_per_100'])} / {f(d['false_alarms_per_100'], d2)}"  # noqa: E731
-    o, s = ours["all"], base["all"]
-    rows = [("false alarms per 100 correct sentences", f"{o['sentences']:,}", f(o["false_alarms_per_100"], 2),
-             f(s["false_alarms_per_100"], 2)),
-            ("errors caught per 100 errors", f"{o['errors']:,}", f(o["caught_per_100"]), f(s["caught_per_100"]))]
+    first = next(iter(systems.values()))
+    rows = [("false alarms per 100 correct sentences", f"{first['all']['sentences']:,}",
+             *(f(x["all"]["false_alarms_per_100"], 2) for x in systems.values())),
+            ("errors caught per 100 errors", f"{first['all']['errors']:,}",
+             *(f(x["all"]["caught_per_100"]) for x in systems.values()))]
     for b in BUCKETS:
-        o, s = ours["by_attractors"][b], base["by_attractors"][b]
+        o = first["by_attractors"][b]
         rows.append((f"… {b} attractor{'' if b == '1' else 's'}: caught / false alarms per 100 verified sites",
-                     f"{o['errors']:,} / {o['sites']:,}", both(o, 1), both(s, 1)))
+                     f"{o['errors']:,} / {o['sites']:,}", *(both(x["by_attractors"][b], 1) for x in systems.values())))
     for k in KINDS:
-        o, s = ours["by_kind"][k], base["by_kind"][k]
+        o = first["by_kind"][k]
         if o["errors"] or o["sites"]:
             rows.append((f"… {k} sites: caught / false alarms per 100 sentences", f"{o['errors']:,} / {o['sites']:,}",
-                         both(o, 2), both(s, 2)))
-    rows += [("verified sites, as written and swapped: P / R / F1", f"{ours['all']['errors']:,} pairs",
-              f"{prf(ours['sites_f1'])}", f"{prf(base['sites_f1'])}"),
-             ("BLiMP agreement pairs: P / R / F1", f"{bl['covered']:,} of {bl['pairs']:,}", prf(bl["all"]["checker"]),
-              prf(bl["all"]["rule"])),
+                         *(both(x["by_kind"][k], 2) for x in systems.values())))
+    rows += [("verified sites, as written and swapped: P / R / F1", f"{first['all']['errors']:,} pairs",
+              *(prf(x["sites_f1"]) for x in systems.values())),
+             ("BLiMP agreement pairs: P / R / F1", f"{bl['covered']:,} of {bl['pairs']:,}",
+              *(prf(bl["all"][name]) for name in systems)),
              ("BLiMP: pairs with both sentences right (%)", f"{bl['covered']:,}",
-              f(100 * bl["all"]["checker"]["pairs_both_right"]), f(100 * bl["all"]["rule"]["pairs_both_right"]))]
+              *(f(100 * bl["all"][name]["pairs_both_right"]) for name in systems))]
     return rows
 
 
-def write_report(path: Path, rows: list, head: str) -> None:
+def plot(systems: dict, path: Path) -> None:
+    """Errors caught and false alarms per 100 by attractor count, one bar per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    width = 0.8 / len(systems)
+    for ax, key, title in ((axes[0], "caught_per_100", "errors caught per 100 errors"),
+                           (axes[1], "false_alarms_per_100", "false alarms per 100 correct sites")):
+        for i, (name, x) in enumerate(systems.items()):
+            vals = [x["by_attractors"][b][key] or 0.0 for b in BUCKETS]
+            ax.bar([j + i * width for j in range(len(BUCKETS))], vals, width, label=name)
+        ax.set_xticks([j + width * (len(systems) - 1) / 2 for j in range(len(BUCKETS))])
+        ax.set_xticklabels([f"{b} attractor{'' if b == '1' else 's'}" for b in BUCKETS])
+        ax.set_title(title, fontsize=10)
+    axes[0].set_ylim(0, 100)
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.suptitle("agreement checker on held-out natural text (test set)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(path: Path, rows: list, head: str, names: list[str]) -> None:
     """Replace the quality section of ``path`` (between the markers); keep what follows it."""
     begin, end, service = "<!-- checker_quality: begin -->", "<!-- checker_quality: end -->", "**Service under load**"
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
     cut = old.index(service) if service in old else len(old)
     reading = old[old.index(end) + len(end):cut] if end in old else "\n\n"
-    table = ["| natural text (test set), then BLiMP | n | checker | spaCy rule |", "|---|---|---|---|"]
-    table += [f"| {r} | {n} | {o} | {b} |" for r, n, o, b in rows]
+    table = ["| natural text (test set), then BLiMP | n | " + " | ".join(names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    table += ["| " + " | ".join(r) + " |" for r in rows]
     path.write_text("# Agreement checker: quality on its benchmark and the service under load\n\n"
-                    f"{begin}\n{head}\n\n" + "\n".join(table) + f"\n{end}" + reading + old[cut:], encoding="utf-8")
+                    f"{begin}\n{head}\n\n" + "\n".join(table) + "\n\n![caught and false alarms by attractors]"
+                    "(checker_quality.png)" + f"\n{end}" + reading + old[cut:], encoding="utf-8")
 
 
 def main() -> None:
@@ -225,20 +258,29 @@ def main() -> None:
     assert ours["sites_f1"] == ref["sites_f1"], (ours["sites_f1"], ref["sites_f1"])
     rule_ok, rule_err = natural_rule(nlp, ex)
     base = natural_figures(ex, [bool(v) for v in rule_ok], [bool(v) for v in rule_err])
+    cal = find_calibration(Path(checker.model_dir) if getattr(checker, "model_dir", None) else ROOT / "models" / args.model,
+                           checker.name, ROOT)
+    lm = json.loads(cal.read_text()).get("operating_point_lm") if cal else None
+    op_lm = OperatingPoint.from_dict(lm) if lm else None
+    systems = {"checker": ours}
+    if op_lm is not None:
+        systems["checker, LM only"] = natural_figures(ex, (checkbench.verdict_codes(op_lm, ex["ok"]) == 2).tolist(),
+                                                      (checkbench.verdict_codes(op_lm, ex["err"]) == 2).tolist())
+    systems["spaCy rule"] = base
     cover = sum(v is not None for v in rule_ok + rule_err) / max(1, len(rule_ok) + len(rule_err))
     print(f"model {checker.name} at its shipped operating point ({op.evidence}, error above {op.error_at:.3f}"
           + (f", parse rule above {op.ask_at:.3f}" if op.ask_at is not None else "") + "); "
           f"{args.split}: {ex['n_sentences']:,} correct sentences with {len(rule_ok):,} checker sites, "
           f"{ex['n_errors']:,} errors ({len(ex['missed']):,} without a checker site); the rule has a verdict on "
           f"{cover:.1%} of the sites")
-    blimp = blimp_part(checker, nlp, read_pairs(sorted((ROOT / params.data.root / "blimp").glob("*.jsonl"))))
-    rows = table_rows(ours, base, blimp)
-    print(f"\n{'':<70} {'n':>15} {'checker':>24} {'spaCy rule':>24}")
-    for r, n, o, b in rows:
-        print(f"{r:<70} {n:>15} {o:>24} {b:>24}")
-    print("\nBLiMP by phenomenon (F1 checker / rule):")
+    blimp = blimp_part(checker, nlp, read_pairs(sorted((ROOT / params.data.root / "blimp").glob("*.jsonl"))), op_lm)
+    rows = table_rows(systems, blimp)
+    print(f"\n{'':<70} {'n':>15} " + " ".join(f"{name:>24}" for name in systems))
+    for r, n, *cells in rows:
+        print(f"{r:<70} {n:>15} " + " ".join(f"{c:>24}" for c in cells))
+    print("\nBLiMP by phenomenon (F1 " + " / ".join(systems) + "):")
     for uid, d in blimp["by_uid"].items():
-        print(f"  {uid:<52} {d['checker']['n'] // 2:>5} pairs  {d['checker']['f1']:.3f} / {d['rule']['f1']:.3f}")
+        print(f"  {uid:<52} {d['checker']['n'] // 2:>5} pairs  " + " / ".join(f"{d[n]['f1']:.3f}" for n in systems))
     print(f"total {time.perf_counter() - t_start:.0f} s")
     o, b = ours["sites_f1"]["f1"], base["sites_f1"]["f1"]
     result = f"RESULT checker_quality ratio={o / b if b else float('inf'):.2f} ours={o:.3f} baseline={b:.3f} F1"
@@ -248,16 +290,18 @@ def main() -> None:
                                 check=False).stdout.strip() or "unknown"
         head = (f"**Checker quality on the benchmark's {args.split} set** "
                 f"(`nice -n 10 python bench/checker_quality.py`, {date}, commit {commit}, {os.cpu_count()} CPU "
-                f"cores): model `{checker.name}` at its shipped operating point (chosen on the dev set) next to a "
+                f"cores): model `{checker.name}` at its shipped operating point (chosen on the dev set), the same "
+                f"model at the operating point shipped for a service without spaCy (LM only), and a "
                 f"spaCy `en_core_web_sm` dependency rule (subject vs verb `Number`, determiner vs noun) applied at "
                 f"the same checker sites; the rule has a verdict on "
                 f"{cover:.1%} of the natural-text sites and {blimp['rule_coverage']:.1%} of the BLiMP sites and "
                 f"says \"correct\" elsewhere. Errors without a checker site ({len(ex['missed']):,} of "
                 f"{ex['n_errors']:,}) count as missed for both. `{result}` (verified sites).")
-        write_report(args.report, rows, head)
+        write_report(args.report, rows, head, list(systems))
+        plot(systems, args.report.parent / "checker_quality.png")
         args.json.write_text(json.dumps({"model": checker.name, "split": args.split, "date": date, "commit": commit,
                                          "operating_point": op.to_dict(), "rule_coverage": round(cover, 4),
-                                         "natural": {"checker": ours, "rule": base}, "blimp": blimp}, indent=1) + "\n")
+                                         "natural": systems, "blimp": blimp}, indent=1) + "\n")
     print(result)
 
 
