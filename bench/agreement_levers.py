@@ -9,7 +9,11 @@ Arms of one model size (default ``large``), same corpus, vocabulary, epochs, see
 - ``margin+syntax``: both;
 - ``margin+mixed``: the margin loss on syntax-aware text whose inserted modifiers hold a noun of the other
   number half of the time (``syntax.other_number: 0.5``) and of the subject's own number otherwise, so the
-  noun next to the verb no longer tells the verb's number the opposite way.
+  noun next to the verb no longer tells the verb's number the opposite way;
+- ``margin+syntax+wiki``: ``margin+syntax`` with WikiText-2's training split added to the corpora
+  (``data.corpora + [wikitext2]``, its own vocabulary of ``--wiki-vocab`` words, prepared under ``--work``):
+  more natural text with subjects and verbs apart. Its valid split includes WikiText-2's, its test split
+  WikiText-2's test file, which the natural benchmark's test documents come from: never trained on.
 
 Settings are chosen on **dev** (natural-text dev items with at least one attractor, the NA task's dev
 lexicon); the test columns (natural test by attractor count, the NA task's test lexicon) chose nothing.
@@ -36,8 +40,28 @@ from agreelens.train import Paths, train  # noqa: E402
 
 # arm: (margin loss, syntax-aware text: None = off, else the share of other-number modifiers; 1.0 = the pipeline's)
 ARMS = {"plain": (False, None), "margin": (True, None), "syntax": (False, 1.0), "margin+syntax": (True, 1.0),
-        "margin+mixed": (True, 0.5)}
+        "margin+mixed": (True, 0.5), "margin+syntax+wiki": (True, 1.0)}
+WIKI_ARMS = {"margin+syntax+wiki"}
 BUCKETS = ("0", "1", "2+")
+
+
+def _wiki_text(params, name: str, work: Path, max_vocab: int):
+    """Settings with WikiText-2 among the corpora (prepared under ``work``) and the training text: the new
+    ``train_<name>.txt`` plus the pipeline's synthetic sentences (BERT and syntax-aware) for that model."""
+    from agreelens.corpus import prepare, read_split
+
+    data = params.data.model_copy(update={"corpora": [*params.data.corpora, "wikitext2"]})
+    prep = params.prepare.model_copy(update={"out": str(work / "prepared"), "max_vocab": max_vocab})
+    wiki = params.model_copy(update={"data": data, "prepare": prep})
+    text = work / f"train_{name}.txt"
+    if not text.is_file():
+        if not (work / "prepared" / f"train_{name}.txt").is_file():
+            prepare(wiki, metrics_path=work / "prepare.json")
+        original = set(read_split(Path(params.prepare.out) / f"train_{name}.txt"))
+        synthetic = [x for x in read_split(Path(params.syntax.out) / f"train_{name}.txt") if x not in original]
+        lines = read_split(work / "prepared" / f"train_{name}.txt") + synthetic
+        text.write_text("".join(f"{x}\n" for x in lines), encoding="utf-8")
+    return wiki, text.parent
 
 
 def _arm(params, margin: bool, other_number: float | None, work: Path):
@@ -93,6 +117,7 @@ def main() -> None:
     ap.add_argument("--retrain", action="store_true", help="train every arm (default: reuse the pipeline's model)")
     ap.add_argument("--reuse", action="store_true", help="take the models a previous run left in --work")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for training (0: train.threads)")
+    ap.add_argument("--wiki-vocab", type=int, default=24000, help="vocabulary size of the +wiki arms")
     args = ap.parse_args()
     params = load_params(args.params)
     if args.threads:  # a speed setting: under a busy CPU one thread avoids OpenMP spin-waits
@@ -103,6 +128,8 @@ def main() -> None:
         margin, other_number = ARMS[arm]
         work = Path(args.work) / f"{name}_{arm.replace('+', '_')}"
         arm_params, text_dir = _arm(params, margin, other_number, work)
+        if arm in WIKI_ARMS:
+            arm_params, text_dir = _wiki_text(arm_params, name, work, args.wiki_vocab)
         pipeline_text = Path(params.syntax.out if params.syntax.enabled else params.augment.out)
         if arm_params.train == params.train and text_dir == pipeline_text and not args.retrain \
                 and Path(f"metrics/train_{name}.json").is_file():
