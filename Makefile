@@ -32,6 +32,7 @@ data: install
 
 # the pipeline of agreelens/stages.py; its last stage registers both models (metrics/register_<model>.json)
 repro: data
+	@if [ -n "$(PROFILE)" ]; then $(BIN)/agreelens profile $(PROFILE); fi
 	$(BIN)/dvc repro
 
 run: repro

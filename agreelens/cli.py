@@ -236,6 +236,20 @@ def natural(
     console.print(f"parsed {stats['sentences_parsed']:,} sentences in {stats['parse_seconds']} s -> {p.natural.out}/")
 
 
+@app.command("profile")
+def profile_cmd(name: Optional[str] = typer.Argument(None, help="profile to make the default of params.yaml"),
+                params: str = ParamsOpt) -> None:
+    """Show the profile params.yaml runs, or make NAME the one that `dvc repro` runs (the `profile` key)."""
+    from agreelens.config import ParamsError, set_profile
+
+    if name:
+        try:
+            set_profile(params, name)
+        except ParamsError as err:
+            _fail(err)
+    console.print(f"profile: {_params(params, None).profile}")
+
+
 @app.command()
 def checkbench(params: str = ParamsOpt, profile: Optional[str] = ProfileOpt) -> None:
     """Stage: the agreement checker's benchmark (correct held-out sentences, the same with one site swapped)."""
