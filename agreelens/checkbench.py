@@ -29,23 +29,12 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-
 from agreelens.files import write_text
 from agreelens.lexicon import morph_pairs
 from agreelens.text import tokenize
 
 BUCKETS = ("0", "1", "2+")
 THERE_VERBS = {"is": "are", "are": "is", "was": "were", "were": "was"}
-
-
-class CheckbenchConfig(BaseModel):
-    """``checkbench:`` in params.yaml."""
-
-    model_config = ConfigDict(extra="forbid")
-    out: str = "checkbench"
-    max_per_source: int = Field(1500, ge=0)  # correct sentences per source and split (0 = all)
-    seed: int = 1
 
 
 def attractor_bucket(n) -> str:

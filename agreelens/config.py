@@ -19,7 +19,6 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agreelens.checkbench import CheckbenchConfig
 from agreelens.natural import NaturalConfig
 from agreelens.stimuli import StimuliConfig
 from agreelens.syntax import SyntaxConfig
@@ -138,6 +137,14 @@ class RegistryConfig(_Section):
     prefix: str = "agreelens"  # registered names: <prefix>-small, <prefix>-large
     tolerance: float = Field(0.01, ge=0, le=1)  # champion moves unless NA accuracy drops more than this
     max_ppl: float = Field(1000.0, gt=0)  # and only when test perplexity is under this bound
+
+
+class CheckbenchConfig(_Section):
+    """``checkbench:`` the agreement checker's benchmark (:mod:`agreelens.checkbench`)."""
+
+    out: str = "checkbench"
+    max_per_source: int = Field(1500, ge=0)  # sentences per source and split (0 = all)
+    seed: int = 1
 
 
 class ServiceConfig(_Section):
