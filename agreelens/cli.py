@@ -616,7 +616,7 @@ def calibrate(
 ) -> None:
     """Agreement checker: the operating point with the fewest misses at the false-alarm budget (dev set of the
     checker benchmark), measured on its test set and BLiMP."""
-    from agreelens.checker import run_calibrate
+    from agreelens.calibration import run_calibrate
 
     p = _params(params, profile)
     r = _call(run_calibrate, p, model)

@@ -51,7 +51,8 @@ sys.path.insert(0, str(ROOT))
 
 from agreelens import checkbench
 from agreelens.checkbench import BUCKETS, attractor_bucket
-from agreelens.checker import _match_case, _prf, blimp_examples, find_calibration, load_checker
+from agreelens.calibration import _prf, blimp_examples
+from agreelens.checker import _match_case, find_calibration, load_checker
 from agreelens.config import load_params
 from agreelens.scoring import read_pairs
 from agreelens.parserule import cased_words, rule_verdicts

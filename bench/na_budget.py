@@ -32,7 +32,6 @@ from agreelens.config import load_params, resolve  # noqa: E402
 from agreelens.model import load_model  # noqa: E402
 from agreelens.scoring import read_pairs, score_pairs  # noqa: E402
 from agreelens.train import Paths, train  # noqa: E402
-from agreelens.vocab import Vocab  # noqa: E402
 
 
 def parse_value(text: str):

@@ -196,7 +196,7 @@ def report_task(params: Params) -> str:
 @task(task_run_name="calibrate-{name}")
 def calibrate_task(params: Params, name: str) -> dict:
     """The checker's operating point for this model (``metrics/calibration_<name>.json``), registered with it."""
-    from agreelens.checker import run_calibrate
+    from agreelens.calibration import run_calibrate
 
     r = run_calibrate(params, name)
     return {"operating_point": r["operating_point"], "test": r["test"]["all"]}

@@ -12,7 +12,8 @@ import torch
 
 from agreelens.ablation import ablate, verb_margins
 from agreelens import checkbench
-from agreelens.checker import (Checker, InputError, Lexicon, blimp_examples, blimp_figures, find_sites,
+from agreelens.calibration import blimp_examples, blimp_figures
+from agreelens.checker import (Checker, InputError, Lexicon, find_sites,
                                load_checker, morph_pairs, token_spans, validate_pairs, validate_text,
                                verb_evidence)
 from agreelens.verdicts import OperatingPoint, choose_operating_point, rates, threshold_for_budget

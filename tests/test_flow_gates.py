@@ -31,6 +31,7 @@ def stand_ins(tmp_path, monkeypatch):
     """Temporary project (params.yaml only) and every library function the flows call, recording calls."""
     import agreelens.ablation
     import agreelens.augment
+    import agreelens.calibration
     import agreelens.checkbench
     import agreelens.checker
     import agreelens.corpus
@@ -103,7 +104,7 @@ def stand_ins(tmp_path, monkeypatch):
         (agreelens.train, "train", rec("train", {"best_valid_ppl": 50.0, "epochs": 1, "tokens_per_second": 100})),
         (agreelens.evaluate, "evaluate", rec("evaluate", {})),
         (agreelens.na, "evaluate_na", rec("evaluate_na", {"accuracy": 0.5})),
-        (agreelens.checker, "run_calibrate", rec("calibrate", {"operating_point": {"error_at": 2.0},
+        (agreelens.calibration, "run_calibrate", rec("calibrate", {"operating_point": {"error_at": 2.0},
                                                                 "test": {"all": {"false_alarms_per_100": 3.0}}})),
         (agreelens.na, "table6", rec("table6", "| Table 6 |")),
         (agreelens.ablation, "run_sweep", rec("sweep", (sweep, None, None))),
