@@ -152,10 +152,17 @@ def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def _write(results: dict, name: str, params, out: Path) -> None:
+def _write(results: dict, name: str, params, out: Path, command: str | None = None) -> None:
+    import datetime
+    import subprocess
+
     out.mkdir(parents=True, exist_ok=True)
+    command = command or "python " + " ".join(sys.argv)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            check=False).stdout.strip() or "unknown"
+    made = f"Made by `{command}` on {datetime.date.today().isoformat()} at commit {commit}."
     (out / "agreement_levers.json").write_text(json.dumps({"model": name, "arms": results}, indent=2) + "\n")
-    lines = [f"The {name} model under each training lever, same corpus, epochs ({params.train.epochs}) and seed. "
+    lines = [made, "", f"The {name} model under each training lever, same corpus, epochs ({params.train.epochs}) and seed. "
              "**Dev** chose (natural-text dev items with >= 1 attractor, NA dev lexicon); **test** reports "
              "(natural test by attractor count, NA test lexicon). Accuracy in %, n items in brackets.", "",
              "| arm | valid PPL | train min | tokens/s | dev natural >=1 attr. | dev natural 0 | dev NA nounpp "
@@ -171,8 +178,8 @@ def _write(results: dict, name: str, params, out: Path) -> None:
     if any(a in WIKI_ARMS for a in results):
         lines += ["", "The +wiki arms have their own vocabulary (`--wiki-vocab` words) and validation split (which "
                   "holds WikiText-2's): their PPL is not comparable with the others', and fewer natural items have an "
-                  "out-of-vocabulary verb, so a few more are scored. Training minutes and tokens/s are of a shared "
-                  "2-core machine, one torch thread."]
+                  "out-of-vocabulary verb, so a few more are scored. Training minutes and tokens/s are as each run "
+                  "recorded them on a shared 2-core machine (`--threads`)."]
     (out / "agreement_levers.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
