@@ -271,9 +271,11 @@ class AgreeLens:
         for note in self.checker.notes:
             log.warning("agreelens: %s", note)
         self.checker.readout()  # fit the explanation's readout now, not on the first /explain
-        log.info("agreelens: serving %s (threshold %.3f%s, %d verbs, units %s)", self.checker.name,
-                 self.checker.threshold, "" if self.checker.calibrated else ", not calibrated",
-                 len(self.checker.lexicon.verbs), self.checker.units)
+        op = self.checker.op
+        log.info("agreelens: serving %s (evidence %s, expected false alarms per 100 correct sentences %s%s, "
+                 "%d verbs, units %s)", self.checker.name, op.evidence, op.expected.get("false_alarms_per_100", "-"),
+                 "" if self.checker.calibrated else ", not calibrated", len(self.checker.lexicon.verbs),
+                 self.checker.units)
 
     @bentoml.api
     def check(self, text: str, activations: bool = False) -> dict:
