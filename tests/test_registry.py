@@ -102,7 +102,7 @@ def test_promotion_on_natural_text_and_a_frozen_evaluation_set(tmp_path, monkeyp
     from agreelens.vocab import Vocab
 
     vocab = Vocab(["<eos>", "<unk>", "the", "boy", "likes"])
-    mdir = save_model(RNNModel(len(vocab), ModelConfig(emb_size=4, hidden_size=4, layers=1, dropout=0.0)), vocab,
+    mdir = save_model(RNNModel(len(vocab), ModelConfig(emb_size=4, hidden_size=4, layers=1, dropout=0.0, softmax="full")), vocab,
                       tmp_path / "m")
     (tmp_path / "a.jsonl").write_text("1\n")
     (tmp_path / "b.jsonl").write_text("2\n")
