@@ -409,8 +409,9 @@ class Checker:
 
 
 def validate_pairs(pairs, max_pairs: int = 5000) -> None:
-    """The checks of ``scoring.read_pairs`` on in-memory pairs; :class:`InputError` names the pair."""
-    from agreelens.scoring import PREFIX_FIELDS, REQUIRED_FIELDS
+    """Each pair a :class:`agreelens.scoring.Pair` (the check of ``scoring.read_pairs``), no control
+    characters in its sentences; :class:`InputError` names the pair."""
+    from agreelens.scoring import pair_problem
 
     if not isinstance(pairs, list):
         raise InputError(f"pairs must be a list of objects, got {type(pairs).__name__}")
@@ -419,23 +420,12 @@ def validate_pairs(pairs, max_pairs: int = 5000) -> None:
     if len(pairs) > max_pairs:
         raise InputError(f"{len(pairs):,} pairs; the limit is {max_pairs:,}", 413)
     for i, rec in enumerate(pairs):
-        where = f"pairs[{i}]"
-        if not isinstance(rec, dict):
-            raise InputError(f"{where}: expected an object, got {type(rec).__name__}")
-        missing = [f for f in REQUIRED_FIELDS if rec.get(f) is None]
-        if missing:
-            raise InputError(f"{where}: missing field(s) {', '.join(missing)}")
+        problem = pair_problem(rec)
+        if problem:
+            raise InputError(f"pairs[{i}]: {problem}")
         for f in ("sentence_good", "sentence_bad"):
-            if not isinstance(rec[f], str):
-                raise InputError(f"{where}: {f} must be a string")
             if _BAD_CONTROL.search(rec[f]):
-                raise InputError(f"{where}: {f} contains a control character")
-        present = [f for f in PREFIX_FIELDS if rec.get(f) is not None]
-        if present and len(present) != len(PREFIX_FIELDS):
-            raise InputError(f"{where}: has {', '.join(present)} but not the other one-prefix field(s)")
-        for f in present:
-            if not isinstance(rec[f], str):
-                raise InputError(f"{where}: {f} must be a string")
+                raise InputError(f"pairs[{i}]: {f} contains a control character")
 
 
 def _stimuli_readout(model: nn.Module, vocab: Vocab, stim_cfg) -> Readout | None:

@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr, ValidationError, model_validator
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
@@ -44,8 +45,51 @@ PREFIX_FIELDS = ("one_prefix_prefix", "one_prefix_word_good", "one_prefix_word_b
 METHODS = ("auto", "prefix", "sentence")
 
 
+class Pair(BaseModel):
+    """One minimal pair, as BLiMP writes it: the pair files, ``agreelens score`` and the service's ``/score``
+    all read this model. The one-prefix fields come together or not at all; other fields are kept."""
+
+    model_config = ConfigDict(extra="allow")
+    sentence_good: StrictStr
+    sentence_bad: StrictStr
+    UID: StrictStr | StrictInt
+    pairID: StrictStr | StrictInt
+    one_prefix_prefix: StrictStr | None = None
+    one_prefix_word_good: StrictStr | None = None
+    one_prefix_word_bad: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _prefix_fields_together(self) -> "Pair":
+        present = [f for f in PREFIX_FIELDS if getattr(self, f) is not None]
+        if present and len(present) != len(PREFIX_FIELDS):
+            absent = [f for f in PREFIX_FIELDS if f not in present]
+            raise ValueError(f"has {', '.join(present)} but not {', '.join(absent)}")
+        return self
+
+
+def pair_problem(rec) -> str | None:
+    """Why ``rec`` is not a :class:`Pair` (one short sentence naming the field), or None."""
+    if not isinstance(rec, dict):
+        return f"expected an object, got {type(rec).__name__}"
+    try:
+        Pair.model_validate(rec)
+    except ValidationError as err:
+        missing = [str(e["loc"][0]) for e in err.errors() if e["type"] == "missing" or
+                   (e["loc"] and e["loc"][0] in REQUIRED_FIELDS and rec.get(e["loc"][0]) is None)]
+        if missing:
+            return f"missing field(s) {', '.join(dict.fromkeys(missing))}"
+        e = err.errors()[0]
+        if e["loc"]:
+            field = e["loc"][0]
+            kind = "string or an integer" if field in ("UID", "pairID") else "string"
+            return f"{field} must be a {kind}, got {rec.get(field)!r}"
+        return str(e["msg"]).removeprefix("Value error, ")
+    return None
+
+
 def read_pairs(paths: str | Path | Iterable[str | Path]) -> list[dict]:
-    """Minimal pairs from BLiMP-style ``.jsonl`` files (one JSON object a line; blank lines skipped)."""
+    """Minimal pairs (:class:`Pair` objects as dicts) from BLiMP-style ``.jsonl`` files (one JSON object a
+    line; blank lines skipped); a bad line raises ``ValueError`` naming the file, the line and the field."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
     pairs: list[dict] = []
@@ -57,26 +101,13 @@ def read_pairs(paths: str | Path | Iterable[str | Path]) -> list[dict]:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
-                where = f"{path}:{lineno}"
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{where}: not valid JSON: {err.msg} (column {err.colno})") from None
-                if not isinstance(rec, dict):
-                    raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-                missing = [f for f in REQUIRED_FIELDS if rec.get(f) is None]
-                if missing:
-                    raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
-                for f in ("sentence_good", "sentence_bad"):
-                    if not isinstance(rec[f], str):
-                        raise ValueError(f"{where}: {f} must be a string, got {rec[f]!r}")
-                present = [f for f in PREFIX_FIELDS if rec.get(f) is not None]
-                if present and len(present) != len(PREFIX_FIELDS):
-                    absent = [f for f in PREFIX_FIELDS if f not in present]
-                    raise ValueError(f"{where}: has {', '.join(present)} but not {', '.join(absent)}")
-                for f in present:
-                    if not isinstance(rec[f], str):
-                        raise ValueError(f"{where}: {f} must be a string, got {rec[f]!r}")
+                    raise ValueError(f"{path}:{lineno}: not valid JSON: {err.msg} (column {err.colno})") from None
+                problem = pair_problem(rec)
+                if problem:
+                    raise ValueError(f"{path}:{lineno}: {problem}")
                 pairs.append(rec)
     return pairs
 

@@ -395,7 +395,7 @@ def test_score_validates_pairs_and_equals_the_scorer(vocab, lexicon):
     pairs = [{"sentence_good": "the boy likes it .", "sentence_bad": "the boy like it .", "UID": "u", "pairID": "0"}]
     assert checker.score(pairs) == score_pairs(model, vocab, pairs, method="auto")
     for bad, msg in [("x", "list"), ([], "empty"), ([1], "object"), ([{"sentence_good": "a"}], "missing"),
-                     ([{**pairs[0], "one_prefix_prefix": "the boy"}], "one-prefix")]:
+                     ([{**pairs[0], "one_prefix_prefix": "the boy"}], "but not one_prefix_word_good")]:
         with pytest.raises(InputError, match=msg):
             validate_pairs(bad)
     with pytest.raises(InputError) as err:

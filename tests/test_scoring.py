@@ -4,6 +4,7 @@ unbatched computation on real (random) RNN models, pair-file reading."""
 from __future__ import annotations
 
 import json
+import re
 import math
 
 import pytest
@@ -295,3 +296,25 @@ def test_read_pairs_errors_name_file_and_line(tmp_path):
         read_pairs(tmp_path / "nope.jsonl")
     f.write_text(json.dumps(good) + "\n")
     assert read_pairs(str(f)) == [good]
+
+
+def test_one_pair_model_for_files_and_requests(tmp_path):
+    """Pair files and in-memory pairs (the service's /score) are checked by the same model, same message."""
+    from agreelens.checker import InputError, validate_pairs
+    from agreelens.scoring import Pair, pair_problem
+
+    good = {"sentence_good": "a b", "sentence_bad": "a c", "UID": "u", "pairID": 3, "extra": "kept"}
+    assert pair_problem(good) is None and Pair.model_validate(good).model_extra == {"extra": "kept"}
+    assert Pair.model_json_schema()["required"] == ["sentence_good", "sentence_bad", "UID", "pairID"]
+    for bad, msg in [({**good, "sentence_bad": None}, "missing field(s) sentence_bad"),
+                     ({**good, "sentence_good": 5}, "sentence_good must be a string, got 5"),
+                     ({**good, "pairID": 1.5}, "pairID must be a string or an integer, got 1.5"),
+                     ({**good, "one_prefix_word_bad": "c"},
+                      "has one_prefix_word_bad but not one_prefix_prefix, one_prefix_word_good")]:
+        assert pair_problem(bad) == msg
+        f = tmp_path / "p.jsonl"
+        f.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=re.escape(f"p.jsonl:1: {msg}")):
+            read_pairs(f)
+        with pytest.raises(InputError, match=re.escape(f"pairs[0]: {msg}")):
+            validate_pairs([bad])
