@@ -58,6 +58,15 @@ class Pair(BaseModel):
     one_prefix_word_good: StrictStr | None = None
     one_prefix_word_bad: StrictStr | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _required_fields_present(cls, data):
+        if isinstance(data, dict):
+            missing = [f for f in REQUIRED_FIELDS if data.get(f) is None]
+            if missing:
+                raise ValueError(f"missing field(s) {', '.join(missing)}")
+        return data
+
     @model_validator(mode="after")
     def _prefix_fields_together(self) -> "Pair":
         present = [f for f in PREFIX_FIELDS if getattr(self, f) is not None]
@@ -74,10 +83,6 @@ def pair_problem(rec) -> str | None:
     try:
         Pair.model_validate(rec)
     except ValidationError as err:
-        missing = [str(e["loc"][0]) for e in err.errors() if e["type"] == "missing" or
-                   (e["loc"] and e["loc"][0] in REQUIRED_FIELDS and rec.get(e["loc"][0]) is None)]
-        if missing:
-            return f"missing field(s) {', '.join(dict.fromkeys(missing))}"
         e = err.errors()[0]
         if e["loc"]:
             field = e["loc"][0]

@@ -60,6 +60,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Route  # noqa: E402
 
 from agreelens.checker import InputError, load_checker, validate_text  # noqa: E402
+from agreelens.scoring import Pair, pair_problem  # noqa: E402
 from agreelens.config import load_params  # noqa: E402
 
 log = logging.getLogger("bentoml.service.agreelens")
@@ -138,8 +139,9 @@ def _error(err: InputError) -> JSONResponse:
 
 class Guard:
     """ASGI middleware on every POST: the API key (when its variable is set), the body size limit, and
-    for the JSON endpoints a body that parses as a JSON object; answers 401 / 413 / 415 / 400 itself with
-    ``{"error": ...}``, and passes the body it read on to BentoML unchanged.
+    for the JSON endpoints a body that parses as a JSON object (and for ``/score``, pairs that are
+    :class:`agreelens.scoring.Pair`); answers 401 / 413 / 415 / 400 itself with ``{"error": ...}``, and passes
+    the body it read on to BentoML unchanged.
 
     ``/check_batch`` takes at most ``max_batch_texts`` (``service.batch_max_size``) texts (else 413):
     BentoML's dispatcher splits a larger request into chunks of one batch, and cancels the chunks still
@@ -195,6 +197,11 @@ class Guard:
                 return await self._answer(send, 400, f"body is not valid JSON: {err}")
             if not isinstance(data, dict):
                 return await self._answer(send, 400, f"body must be a JSON object, got {type(data).__name__}")
+            pairs = data.get("pairs") if path == "/score" else None
+            if isinstance(pairs, list):  # the Pair model's own message, naming the pair and the field
+                problem = next(((i, p) for i, p in ((i, pair_problem(r)) for i, r in enumerate(pairs)) if p), None)
+                if problem:
+                    return await self._answer(send, 400, f"pairs[{problem[0]}]: {problem[1]}")
             texts = data.get("texts") if path == "/check_batch" else None
             if isinstance(texts, list) and len(texts) > self.max_batch_texts:
                 return await self._answer(send, 413, f"{len(texts):,} texts; the limit is {self.max_batch_texts} "
@@ -309,10 +316,11 @@ class AgreeLens:
             return _error(err)
 
     @bentoml.api
-    def score(self, pairs: list[Any], method: str = "auto") -> dict:
-        """Minimal pairs (BLiMP fields) -> ``{"accuracy", "n", "oov", "groups", "method"}``."""
+    def score(self, pairs: list[Pair], method: str = "auto") -> dict:
+        """Minimal pairs (BLiMP fields, ``agreelens.scoring.Pair``) -> ``{"accuracy", "n", "oov", "groups",
+        "method"}``."""
         try:
-            return self.checker.score(pairs, method, CFG.max_pairs)
+            return self.checker.score([p.model_dump(exclude_none=True) for p in pairs], method, CFG.max_pairs)
         except InputError as err:
             return _error(err)
 

@@ -131,6 +131,8 @@ def test_health_metrics_openapi_and_page(server):
     url = server["url"]
     spec = httpx.get(url + "/docs.json").json()
     assert {"/check", "/check_batch", "/explain", "/score"} <= set(spec["paths"])
+    # /score's pairs are the Pair model of the pair files: its fields are in the schema
+    assert all(f in json.dumps(spec) for f in ("sentence_good", "pairID", "one_prefix_word_bad"))
     assert "bentoml_service" in httpx.get(url + "/metrics").text
     assert httpx.get(url + "/docs").status_code == 200
     page = httpx.get(url + "/")
