@@ -206,12 +206,26 @@ def verdict_codes(op, part: dict) -> torch.Tensor:
 
 
 def figures(op, ex: dict) -> dict:
-    """False alarms per 100 correct sentences and errors caught per 100 errors at ``op``; by source, by site
-    kind (false alarms: sentences flagged at a site of that kind) and by attractor count (false alarms:
-    parser-verified sites of that count flagged in the correct sentence, per 100 such sites)."""
-    records = ex["records"]
+    """:func:`figures_of` the verdicts at operating point ``op``, and the correct sentences the parse rule is
+    run on (``parsed_per_100``) where ``op`` asks it."""
     c_ok, c_err = verdict_codes(op, ex["ok"]), verdict_codes(op, ex["err"])
-    flag_ok, unsure_ok, caught = c_ok == 2, c_ok >= 1, c_err == 2
+    out = figures_of(ex, c_ok == 2, c_ok >= 1, c_err == 2)
+    if op.ask_at is not None:
+        from agreelens.verdicts import rates
+
+        asked = scores(op, ex["ok"]) > op.ask_at
+        out["all"]["parsed_per_100"] = round(rates(asked, ex["ok"]["sentence"], len(ex["records"])), 2)
+    return out
+
+
+def figures_of(ex: dict, flag_ok: torch.Tensor, unsure_ok: torch.Tensor, caught: torch.Tensor) -> dict:
+    """False alarms per 100 correct sentences and errors caught per 100 errors, for any verdicts: ``flag_ok``
+    (error) and ``unsure_ok`` (unsure or error) per site of the correct sentences, ``caught`` per swapped
+    error with a site (``ex["missed"]`` count as not caught). By source, by site kind (false alarms:
+    sentences flagged at a site of that kind) and by attractor count (false alarms: parser-verified sites of
+    that count flagged in the correct sentence, per 100 such sites)."""
+    records = ex["records"]
+    flag_ok, unsure_ok, caught = (torch.as_tensor(x, dtype=torch.bool) for x in (flag_ok, unsure_ok, caught))
     flagged_sent = torch.zeros(len(records), dtype=torch.bool)
     flagged_sent[ex["ok"]["sentence"][flag_ok]] = True
     unsure_sent = torch.zeros(len(records), dtype=torch.bool)
@@ -258,9 +272,4 @@ def figures(op, ex: dict) -> dict:
     r = tp / n_pairs if n_pairs else 0.0
     out["sites_f1"] = {"precision": round(p, 4), "recall": round(r, 4),
                        "f1": round(2 * p * r / (p + r), 4) if p + r else 0.0}
-    if op.ask_at is not None:  # correct sentences the parse rule is run on
-        from agreelens.verdicts import rates
-
-        asked = scores(op, ex["ok"]) > op.ask_at
-        out["all"]["parsed_per_100"] = round(rates(asked, ex["ok"]["sentence"], len(records)), 2)
     return out

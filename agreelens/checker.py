@@ -37,7 +37,7 @@ from agreelens.sites import (  # noqa: F401  (re-exported: the checker's site AP
     KINDS, Lexicon, Site, _match_case, build_lexicon, find_sites, lm_verbs, token_spans,
 )
 from agreelens.text import split_sentences, tokenize
-from agreelens.verdicts import OperatingPoint, Readout, fit_readout, site_evidence, word_margin
+from agreelens.verdicts import OperatingPoint, Readout, fit_readout, site_evidence
 from agreelens.vocab import Vocab
 
 log = logging.getLogger("agreelens.checker")
@@ -76,40 +76,6 @@ def validate_text(text, max_chars: int = 5000, max_sentences: int = 50) -> list[
     if len(sentences) > max_sentences:
         raise InputError(f"text has {len(sentences)} sentences; the limit is {max_sentences}", 413)
     return sentences
-
-
-# ---------------------------------------------------------------------------------------- margins
-
-
-def site_margins(model: nn.Module, vocab: Vocab, sentences: list[list[str]], sites: list[tuple[int, int, int, int]],
-                 batch_size: int = 256) -> torch.Tensor:
-    """``log P(written) - log P(alternate)`` at each site ``(sentence, position, written id, alternate
-    id)``: the sentences (primed with ``<eos>``) run through the LM in padded batches of ``batch_size``
-    (longest first), one forward per batch, and the two words' scores are read at each site's prefix.
-    Returns float64 margins on the CPU in the order of ``sites``."""
-    out = torch.empty(len(sites), dtype=torch.float64)
-    if not sites:
-        return out
-    device = device_of(model)
-    by_sentence: dict[int, list[int]] = {}
-    for k, (s, *_rest) in enumerate(sites):
-        by_sentence.setdefault(s, []).append(k)
-    order = sorted(by_sentence, key=lambda s: -len(sentences[s]))
-    with evaluating(model):
-        for lo in range(0, len(order), batch_size):
-            chunk = order[lo:lo + batch_size]
-            seqs = [torch.tensor([vocab.eos, *vocab.encode(sentences[s])], dtype=torch.long) for s in chunk]
-            ids = pad_sequence(seqs, padding_value=vocab.eos).to(device)  # (T, B)
-            features, _ = model(ids)
-            rows = [k for s in chunk for k in by_sentence[s]]
-            col = {s: j for j, s in enumerate(chunk)}
-            t = torch.tensor([sites[k][1] for k in rows], device=device)
-            b = torch.tensor([col[sites[k][0]] for k in rows], device=device)
-            feats = features[t, b]
-            good = torch.tensor([sites[k][2] for k in rows], device=device)
-            bad = torch.tensor([sites[k][3] for k in rows], device=device)
-            out[torch.tensor(rows)] = word_margin(model, feats, good, bad).double().cpu()
-    return out
 
 
 # ---------------------------------------------------------------------------------------- checker

@@ -94,7 +94,7 @@ def _evaluate(params, model_dir: Path, summary: dict, work: Path) -> dict:
     seconds = summary.get("train_seconds") or 0
     return {
         "valid_ppl": summary["best_valid_ppl"], "train_seconds": seconds,
-        "tokens_per_second": summary.get("tokens_per_second"),
+        "tokens_per_second": summary.get("tokens_per_second"), "tokens_seen": summary.get("tokens_seen"),
         "dev": {"natural_attr": _pooled(nat_dev, [k for k in nat_dev if k != "0"]),
                 "natural_0": _pooled(nat_dev, ["0"]), "na": dev["accuracy"],
                 "na_nounpp": dev["constructions"].get("nounpp", {}).get("accuracy")},
@@ -165,13 +165,14 @@ def _write(results: dict, name: str, params, out: Path, command: str | None = No
     lines = [made, "", f"The {name} model under each training lever, same corpus, epochs ({params.train.epochs}) and seed. "
              "**Dev** chose (natural-text dev items with >= 1 attractor, NA dev lexicon); **test** reports "
              "(natural test by attractor count, NA test lexicon). Accuracy in %, n items in brackets.", "",
-             "| arm | valid PPL | train min | tokens/s | dev natural >=1 attr. | dev natural 0 | dev NA nounpp "
+             "| arm | valid PPL | tokens seen (M) | train min | tokens/s | dev natural >=1 attr. | dev natural 0 | dev NA nounpp "
              "| test natural 0 | 1 | 2+ | test NA | nounpp | nounpp SP | simple | adv | BLiMP |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm, r in results.items():
         d, t = r["dev"], r["test"]
         nat = " | ".join(f"{_pct(t['natural'][b][0])} ({t['natural'][b][1]})" for b in BUCKETS)
-        lines.append(f"| {arm} | {r['valid_ppl']:.1f} | {r['train_seconds'] / 60:.1f} | {r['tokens_per_second'] or '-'} | "
+        seen = f"{r['tokens_seen'] / 1e6:.1f}" if r.get("tokens_seen") else "-"
+        lines.append(f"| {arm} | {r['valid_ppl']:.1f} | {seen} | {r['train_seconds'] / 60:.1f} | {r['tokens_per_second'] or '-'} | "
                      f"**{_pct(d['natural_attr'][0])}** ({d['natural_attr'][1]}) | {_pct(d['natural_0'][0])} | "
                      f"{_pct(d['na_nounpp'])} | {nat} | {_pct(t['na'])} | {_pct(t['na_nounpp'])} | "
                      f"{_pct(t['nounpp_SP'])} | {_pct(t['simple'])} | {_pct(t['adv'])} | {_pct(t['blimp'])} |")

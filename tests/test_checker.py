@@ -191,7 +191,10 @@ def test_check_many_equals_check_and_margins_equal_the_scorer(vocab, lexicon):
 def test_quantified_coordinated_and_there_sites(sentence, expected, lexicon, vocab):
     got = [(s.position, s.word, s.kind, s.number, s.subject_number) for s in find_sites(sentence.split(), lexicon, vocab)]
     assert got == expected
-    (there,) = [s for s in find_sites("there are a car here .".split(), lexicon, vocab)]
+
+
+def test_there_site_is_judged_through_the_noun_after_it(lexicon, vocab):
+    (there,) = find_sites("there are a car here .".split(), lexicon, vocab)
     assert (there.span_end, there.controller) == (3, 3)
 
 
