@@ -512,12 +512,19 @@ def stages_cmd(
     emit: bool = typer.Option(False, "--emit", help="write dvc.yaml (--out) from the registry agreelens/stages.py"),
     check: bool = typer.Option(False, "--check", help="exit 1 when dvc.yaml (--out) differs from the registry's"),
     out: str = typer.Option("dvc.yaml", "--out", help="the pipeline file to write or check"),
+    needed_for: Optional[list[str]] = typer.Option(
+        None, "--for", help="print only the commands this stage (DVC address, e.g. calibrate@large) needs, "
+        "one per line, in run order (repeatable)"),
     params: str = ParamsOpt,
 ) -> None:
     """The pipeline's stages in run order (agreelens/stages.py): command, outputs, code dependencies."""
     from agreelens import stages as reg
 
     p = _params(params, None)
+    if needed_for:
+        for _, cmd in _call(reg.upstream, reg.declare(p), list(needed_for)):
+            print(cmd)
+        return
     if emit or check:
         text = _call(reg.emit, params)
         if check:

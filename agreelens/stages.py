@@ -350,6 +350,25 @@ def order(stages: list[Stage]) -> list[str]:
     return [addr for s in stages for addr, _ in s.instances()]
 
 
+def upstream(stages: list[Stage], targets: list[str]) -> list[tuple[str, str]]:
+    """``(DVC address, command)`` of the targets (DVC addresses) and every stage instance whose outputs
+    they read, directly or not, in run order. ``ValueError`` names an unknown target."""
+    rows = [(addr, s.cmd.replace(ITEM, m) if m else s.cmd, s.files(m))
+            for s in stages for addr, m in s.instances()]
+    known = [addr for addr, _, _ in rows]
+    for t in targets:
+        if t not in known:
+            raise ValueError(f"no stage {t!r}; stages: {', '.join(known)}")
+    need = set(targets)
+    for addr, _, files in reversed(rows):  # producers come before readers (check_order)
+        if addr not in need:
+            continue
+        for other, _, ofiles in rows:
+            if other != addr and any(_inside(d, o) or _inside(o, d) for d in files["deps"] for o in ofiles["outs"]):
+                need.add(other)
+    return [(addr, cmd) for addr, cmd, _ in rows if addr in need]
+
+
 def _entry(path: Path_, indent: str) -> list[str]:
     comment = f"  # {path.comment}" if path.comment else ""
     opts = path.options()

@@ -160,8 +160,8 @@ fi
 
 # ------------------------------------------------------------------------------------------ tiny model (background)
 # CONTAINER_MODEL=tiny: the tiny profile with enough text that the test sentence's words are in the vocabulary,
-# no BERT or syntactic augmentation; the pipeline's stage commands up to the model, its calibration and number
-# units, with this checkout's code, in a scratch project while steps 1-3 run
+# no BERT or syntactic augmentation; the stage commands the model, its calibration and number units need (from
+# the stage registry, `agreelens stages --for`), with this checkout's code, in a scratch project while steps 1-3 run
 TINY=$STATE/tiny
 if [[ $MODEL == tiny ]]; then
   STEP="0. tiny model (start)"
@@ -169,7 +169,7 @@ if [[ $MODEL == tiny ]]; then
   rm -rf "$TINY"
   mkdir -p "$TINY"
   ln -s "$REPO/corpora" "$TINY/corpora"
-  "$VENV/bin/python" - "$REPO/params.yaml" "$TINY/params.yaml" "$TINY/steps.txt" <<'EOF'
+  "$VENV/bin/python" - "$REPO/params.yaml" "$TINY/params.yaml" <<'EOF'
 import sys, yaml
 p = yaml.safe_load(open(sys.argv[1]))
 p["profile"] = "tiny"
@@ -177,14 +177,11 @@ p["augment"]["enabled"] = False
 tiny = p["profiles"]["tiny"]
 tiny.setdefault("data", {})["max_sentences"] = 20000
 tiny.setdefault("prepare", {})["max_vocab"] = 6000
-steps = ["data", "prepare", "augment"]
-if "syntax" in p:  # the syntactic augmentation stage: off, its output is the augmented text alone
-    p["syntax"]["enabled"] = False
-    steps.append("augment-syntax")
-steps += ["train --model large", "calibrate --model large", "stimuli", "sweep --model large"]
+p["syntax"]["enabled"] = False  # the syntactic augmentation: off, its output is the augmented text alone
 yaml.safe_dump(p, open(sys.argv[2], "w"), sort_keys=False)
-print("\n".join(steps), file=open(sys.argv[3], "w"))
 EOF
+  { echo data; PYTHONPATH="$REPO" "$VENV/bin/python" -m agreelens.cli stages --params "$TINY/params.yaml" \
+      --for train_large --for calibrate@large --for sweep@large | sed 's/^agreelens //'; } >"$TINY/steps.txt"
   cat >"$TINY/train.sh" <<EOF
 set -euo pipefail
 cd "$TINY"

@@ -180,6 +180,20 @@ def test_length_mean_with_tolerant_pair_check(proj):
     assert _entry(summary, "length_mean")["examples"][0]["value"] == "6 -> 8 tokens"
 
 
+def test_augmentation_off_needs_no_pairs(proj):
+    """``augment.enabled: false`` leaves an empty pairs file: the gate passes it, and a defect still fails."""
+    q = yaml.safe_load((proj / "params.yaml").read_text(encoding="utf-8"))
+    q["augment"]["enabled"] = False
+    (proj / "params.yaml").write_text(yaml.safe_dump(q, allow_unicode=True), encoding="utf-8")
+    path = proj / "augmented" / "pairs.tsv"
+    path.write_text("", encoding="utf-8")
+    summary = validate(load_params(proj / "params.yaml"), "augmented", proj)
+    assert summary["success"] and summary["tables"] == {"pairs": 0}
+    assert "pairs_present" not in [e["name"] for e in summary["expectations"]]
+    path.write_text("the boy likes the tree .\tthe boy [MASK] the tree .\n", encoding="utf-8")
+    assert _failed(proj, "augmented")[0] == ["no_special_pieces"]
+
+
 def test_missing_pairs_file_names_it(proj):
     (proj / "augmented" / "pairs.tsv").unlink()
     with pytest.raises(FileNotFoundError, match="augmented/pairs.tsv.*augment stage"):

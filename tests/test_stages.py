@@ -48,6 +48,19 @@ def test_order_check_catches_a_stage_before_its_input(registry):
         stages.check_order(moved)
 
 
+def test_upstream_lists_exactly_what_a_stage_reads(registry):
+    """The container test's tiny model runs these commands: the target and everything it reads, in order."""
+    need = stages.upstream(registry, ["calibrate@large"])
+    addrs = [a for a, _ in need]
+    assert addrs == [a for a in stages.order(registry) if a in set(addrs)]  # run order kept
+    assert {"prepare", "stimuli", "natural", "checkbench", "train_large", "calibrate@large"} <= set(addrs)
+    assert not {"train_small", "evaluate", "calibrate@small", "sweep@large", "register@large"} & set(addrs)
+    assert dict(need)["calibrate@large"] == "agreelens calibrate --model large"
+    assert [a for a, _ in stages.upstream(registry, ["prepare"])] == ["prepare"]
+    with pytest.raises(ValueError, match="no stage 'calibrate'; stages: prepare"):
+        stages.upstream(registry, ["calibrate"])
+
+
 def test_dvc_yaml_keeps_names_outputs_and_params(registry):
     dvc = yaml.safe_load(stages.dvc_yaml(registry))["stages"]
     assert list(dvc)[:4] == ["prepare", "stimuli", "natural", "checkbench"]
