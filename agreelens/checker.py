@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +105,7 @@ class Checker:
     op: OperatingPoint | None = None
     readout_model: Readout | None = None  # shipped with the calibration, else fit from ``stimuli``
     parser: object = None  # spaCy pipeline for the parse rule (agreelens.parserule), where installed
+    parse_ahead: int = 0  # requests of up to this many sentences are parsed while the LM scores them
 
     def __post_init__(self):
         if self.op is None:
@@ -146,27 +148,46 @@ class Checker:
             ev["parse_rule"] = "error" if rule else "correct"
         return {"verdict": verdict, "confidence": None if conf is None else round(conf, 4), "evidence": ev}
 
+    def _parse(self, flat: list[dict], which: list[int]) -> Future:
+        """Parse sentences ``which`` of ``flat`` in the checker's one parse thread (every parse goes there:
+        one spaCy pipeline, never two threads in it at once); the future holds ``{index: parse}``."""
+        from agreelens.parserule import cased_words, parse
+
+        if getattr(self, "_parser_thread", None) is None:
+            self._parser_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agreelens-parse")
+        words = [cased_words(flat[i]["text"], flat[i]["tokens"]) for i in which]
+        return self._parser_thread.submit(lambda: dict(zip(which, parse(self.parser, words))))
+
+    def _parse_ahead(self, flat: list[dict], keys: list[tuple[int, Site]]) -> Future | None:
+        """Start parsing every sentence with a site the rule could be asked about, before the LM has scored
+        it, so that the parse and the LM's forward overlap (requests of up to ``parse_ahead`` sentences;
+        the parse is wasted where the LM asks nothing)."""
+        if self.parser is None or self.op.ask_at is None:
+            return None
+        which = sorted({i for i, s in keys if s.subject_number is None})
+        return self._parse(flat, which) if which and len(which) <= self.parse_ahead else None
+
     def _rule_verdicts(self, flat: list[dict], keys: list[tuple[int, Site]], margins: list[float],
-                       reads: list[float]) -> list[int | None]:
+                       reads: list[float], ahead: Future | None = None) -> list[int | None]:
         """The parse rule's verdict at each site the operating point asks it about (one parse per
-        sentence holding such a site), else None."""
+        sentence holding such a site; ``ahead``: the parses :meth:`_parse_ahead` started), else None."""
         out: list[int | None] = [None] * len(keys)
         if self.parser is None or self.op.ask_at is None:
             return out
-        from agreelens.parserule import cased_words, rule_verdicts
+        from agreelens.parserule import verdicts_at
 
         jobs: dict[int, list[int]] = {}
         for k, (i, site) in enumerate(keys):
             if site.subject_number is None and self.op.asks(float(self.op.score(margins[k], reads[k], site.kind))):
                 jobs.setdefault(i, []).append(k)
-        if jobs:
-            order = list(jobs)
-            verdicts = rule_verdicts(self.parser, [(cased_words(flat[i]["text"], flat[i]["tokens"]),
-                                                    [(keys[k][1].position, keys[k][1].kind) for k in jobs[i]])
-                                                   for i in order])
-            for i, vs in zip(order, verdicts):
-                for k, v in zip(jobs[i], vs):
-                    out[k] = v
+        if not jobs:
+            if ahead is not None:
+                ahead.cancel()
+            return out
+        parsed = (ahead if ahead is not None else self._parse(flat, list(jobs))).result()
+        for i, ks in jobs.items():
+            for k, v in zip(ks, verdicts_at(parsed[i], [(keys[k][1].position, keys[k][1].kind) for k in ks])):
+                out[k] = v
         return out
 
     def _verdict_at(self, site: dict, margin: float) -> str:
@@ -182,10 +203,11 @@ class Checker:
         flat = [s for a in analysed for s in a]
         keys = [(i, s) for i, sent in enumerate(flat) for s in sent["sites"]]
         readout = self.readout_for_verdicts() if self.op.uses_readout else None
+        ahead = self._parse_ahead(flat, keys)
         margins, reads = site_evidence(self.model, self.vocab, [s["tokens"] for s in flat], keys, readout,
                                        self.batch_size)
         margins, reads = margins.tolist(), reads.tolist()
-        rules = self._rule_verdicts(flat, keys, margins, reads)
+        rules = self._rule_verdicts(flat, keys, margins, reads, ahead)
         acts = self._activations([s["tokens"] for s in flat]) if activations else None
         results, k, j = [], 0, 0
         for a in analysed:
@@ -512,7 +534,8 @@ def load_checker(spec: str, params=None, root: str | Path = ".", fallback: str |
                    scale=float(cal.get("scale", 1.0)), name=tag, calibrated=bool(cal_path),
                    units=load_units(tag, root, params, model_dir), stimuli=_readout_stimuli(params),
                    max_chars=getattr(svc, "max_chars", 5000), max_sentences=getattr(svc, "max_sentences", 50),
-                   notes=notes, op=op, readout_model=readout, parser=parser)
+                   notes=notes, op=op, readout_model=readout, parser=parser,
+                   parse_ahead=getattr(svc, "parse_ahead", 0))
 
 
 def _resolve(spec: str, root: Path, resolve_model) -> Path:

@@ -127,17 +127,27 @@ def baseline_verdict(doc, pos: int, kind: str) -> int | None:
     return None if s is None else int(s != v)
 
 
-def rule_verdicts(nlp, jobs: list[tuple[list[str], list[tuple[int, str]]]]) -> list[list[int | None]]:
-    """The rule at each ``(position, kind)`` of each job's cased words (one parse per job)."""
+def parse(nlp, sentences: list[list[str]]) -> list[tuple[object, list[int]]]:
+    """``(doc, index of each word's head piece)`` of each sentence's cased words."""
     from spacy.tokens import Doc
 
     docs, firsts = [], []
-    for words, _ in jobs:
+    for words in sentences:
         pieces, first = spacy_words(words)
         docs.append(Doc(nlp.vocab, words=pieces))
         firsts.append(first)
-    return [[baseline_verdict(doc, first[p], kind) for p, kind in at]
-            for (_, at), doc, first in zip(jobs, nlp.pipe(docs, batch_size=256), firsts)]
+    return list(zip(nlp.pipe(docs, batch_size=256), firsts))
+
+
+def verdicts_at(parsed: tuple[object, list[int]], at: list[tuple[int, str]]) -> list[int | None]:
+    """The rule at each ``(word position, kind)`` of one :func:`parse` result."""
+    doc, first = parsed
+    return [baseline_verdict(doc, first[p], kind) for p, kind in at]
+
+
+def rule_verdicts(nlp, jobs: list[tuple[list[str], list[tuple[int, str]]]]) -> list[list[int | None]]:
+    """The rule at each ``(position, kind)`` of each job's cased words (one parse per job)."""
+    return [verdicts_at(d, at) for (_, at), d in zip(jobs, parse(nlp, [w for w, _ in jobs]))]
 
 
 # ---------------------------------------------------------------------------------------- figures

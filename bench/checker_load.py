@@ -348,8 +348,10 @@ def main() -> None:
         proc, url, startup = start_service(args.model, Path(tmp) / "bentoml", log_path, project=project)
         print(f"service pid {proc.pid} on {url}, model {args.model}, ready in {startup:.1f} s"
               + (f", settings {' '.join(args.service)}" if args.service else ""))
-        out: dict = {"model": args.model, "concurrency": args.concurrency, "startup_s": round(startup, 1),
-                     "settings": args.service}
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=False).stdout.strip() or "unknown"
+        out: dict = {"model": args.model, "date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": commit,
+                     "concurrency": args.concurrency, "startup_s": round(startup, 1), "settings": args.service}
         try:
             with httpx.Client(base_url=url, timeout=60) as c:
                 # warm-up, and the /explain texts: sentences where /check finds a site

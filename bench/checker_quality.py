@@ -139,18 +139,41 @@ def plot(systems: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(path: Path, rows: list, head: str, names: list[str]) -> None:
-    """Replace the quality section of ``path`` (between the markers); keep what follows it."""
-    begin, end, service = "<!-- checker_quality: begin -->", "<!-- checker_quality: end -->", "**Service under load**"
+SERVICE = "**Service under load**"
+
+
+def service_section(load: Path) -> str:
+    """The service-under-load paragraph, from ``bench/checker_load.py --json`` (empty without the file)."""
+    if not load.is_file():
+        return ""
+    d = json.loads(load.read_text(encoding="utf-8"))
+    s, m = d["sequential_check_20w"], d["mixed"]
+    unb, bat = d["compare"]["check"], d["compare"]["check_batch"]
+    when = f"{d['date']}, commit {d['commit']}" if d.get("date") else "date and commit not recorded"
+    settings = f", settings {' '.join(d['settings'])}" if d.get("settings") else ""
+    return (f"{SERVICE} (`nice -n 5 python bench/checker_load.py --model {d['model']} --json "
+            f"{load.relative_to(ROOT)}`, {when}{settings}; 1 worker, 1 torch thread, 2 cores): `/check` of a "
+            f"20-word held-out sentence, one request at a time, p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms with the "
+            f"shipped operating point (the parse rule decides the sites whose LM score is above `ask_at`; a "
+            f"request of up to `service.parse_ahead` sentences is parsed in a second thread while the LM scores "
+            f"it). At concurrency {d['concurrency']}, one-text `/check_batch` (adaptive batching) {bat['rps']} "
+            f"req/s vs `/check` {unb['rps']} req/s; {m['n']:,} mixed requests (check, batch, explain, score, bad "
+            f"input) at {m['rps']} req/s with {d['server_5xx']} 5xx and {m['unexpected']} unexpected statuses.\n")
+
+
+def write_report(path: Path, rows: list, head: str, names: list[str], load: Path) -> None:
+    """Replace the quality section of ``path`` (between the markers) and the service section (from
+    ``load``); keep the reading between them."""
+    begin, end = "<!-- checker_quality: begin -->", "<!-- checker_quality: end -->"
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    cut = old.index(service) if service in old else len(old)
+    cut = old.index(SERVICE) if SERVICE in old else len(old)
     reading = old[old.index(end) + len(end):cut] if end in old else "\n\n"
     table = ["| natural text (test set), then BLiMP | n | " + " | ".join(names) + " |",
              "|---|---|" + "---|" * len(names)]
     table += ["| " + " | ".join(r) + " |" for r in rows]
     path.write_text("# Agreement checker: quality on its benchmark and the service under load\n\n"
                     f"{begin}\n{head}\n\n" + "\n".join(table) + "\n\n![caught and false alarms by attractors]"
-                    "(checker_quality.png)" + f"\n{end}" + reading + old[cut:], encoding="utf-8")
+                    "(checker_quality.png)" + f"\n{end}" + reading + service_section(load), encoding="utf-8")
 
 
 def main() -> None:
@@ -213,7 +236,8 @@ def main() -> None:
                 f"{cover:.1%} of the natural-text sites and {blimp['rule_coverage']:.1%} of the BLiMP sites and "
                 f"says \"correct\" elsewhere. Errors without a checker site ({len(ex['missed']):,} of "
                 f"{ex['n_errors']:,}) count as missed for both. `{result}` (verified sites).")
-        write_report(args.report, rows, head, list(systems))
+        write_report(args.report, rows, head, list(systems),
+                     args.report.parent / f"checker_load_{Path(str(args.model)).name}.json")
         plot(systems, args.report.parent / "checker_quality.png")
         args.json.write_text(json.dumps({"model": checker.name, "split": args.split, "date": date, "commit": commit,
                                          "operating_point": op.to_dict(), "rule_coverage": round(cover, 4),

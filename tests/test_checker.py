@@ -512,6 +512,29 @@ def test_hybrid_asks_the_parse_rule_only_above_ask_at(nlp, vocab, lexicon):
     assert (site["verdict"], site["evidence"]["decided_by"]) == ("ok", "margin") and "parse_rule" not in site["evidence"]
 
 
+def test_parse_ahead_gives_the_same_answers_from_the_parse_thread(nlp, vocab, lexicon, monkeypatch):
+    """Requests of up to ``parse_ahead`` sentences are parsed before the LM has scored them, in the checker's one
+    parse thread; the verdicts are those of parsing after the LM, and larger requests parse after it."""
+    import threading
+
+    import agreelens.parserule as parserule
+
+    model = agreement_bigram(vocab)
+    texts = ["The boys near the car likes the girl.", "The boy near the cars likes the girl. The dogs are red."]
+    op = OperatingPoint("margin+parser", {"*": [-1.0, 0.0, 0.0]}, error_at=10.0, ask_at=-10.0)
+    threads, parse = [], parserule.parse
+    monkeypatch.setattr(parserule, "parse", lambda nlp_, s: threads.append(threading.current_thread().name) or parse(nlp_, s))
+    after = Checker(model, vocab, lexicon, op=op, parser=nlp, parse_ahead=0).check_many(texts)
+    ahead = Checker(model, vocab, lexicon, op=op, parser=nlp, parse_ahead=4).check_many(texts)
+    assert ahead == after
+    assert [s["verdict"] for r in ahead for sent in r["sentences"] for s in sent["sites"]] == ["error", "ok", "ok"]
+    assert len(threads) == 2 and all(t.startswith("agreelens-parse") for t in threads)
+    ck = Checker(model, vocab, lexicon, op=op, parser=nlp, parse_ahead=2)
+    flat = [s for t in texts for s in ck.analyse(t)]
+    keys = [(i, x) for i, sent in enumerate(flat) for x in sent["sites"]]
+    assert ck._parse_ahead(flat, keys) is None  # 3 sentences with sites > 2: parsed after the LM, if asked
+
+
 def test_load_checker_without_a_parser_uses_the_lm_operating_point(tmp_path, vocab, monkeypatch):
     import agreelens.parserule as parserule
 
