@@ -118,6 +118,9 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="take the models a previous run left in --work")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for training (0: train.threads)")
     ap.add_argument("--wiki-vocab", type=int, default=24000, help="vocabulary size of the +wiki arms")
+    ap.add_argument("--epochs", type=int, default=0,
+                    help="a training budget for every arm, in epochs of its own text (0: train.epochs); the "
+                         "learning-rate schedule ends with it")
     args = ap.parse_args()
     params = load_params(args.params)
     if args.threads:  # a speed setting: under a busy CPU one thread avoids OpenMP spin-waits
@@ -130,6 +133,9 @@ def main() -> None:
         arm_params, text_dir = _arm(params, margin, other_number, work)
         if arm in WIKI_ARMS:
             arm_params, text_dir = _wiki_text(arm_params, name, work, args.wiki_vocab)
+        if args.epochs:
+            arm_params = arm_params.model_copy(
+                update={"train": arm_params.train.model_copy(update={"epochs": args.epochs})})
         pipeline_text = Path(params.syntax.out if params.syntax.enabled else params.augment.out)
         if arm_params.train == params.train and text_dir == pipeline_text and not args.retrain \
                 and Path(f"metrics/train_{name}.json").is_file():
@@ -143,7 +149,8 @@ def main() -> None:
                 train(arm_params, name, paths, quiet=False)
             model_dir, summary = paths.model_dir, json.loads(paths.metrics.read_text())
         work.mkdir(parents=True, exist_ok=True)
-        results[arm] = {**_evaluate(params, model_dir, summary, work), "text": str(text_dir / f"train_{name}.txt")}
+        results[arm] = {**_evaluate(params, model_dir, summary, work), "text": str(text_dir / f"train_{name}.txt"),
+                        "epochs": arm_params.train.epochs}
         print(json.dumps({arm: results[arm]}), flush=True)
     _write(results, name, params, out)
 
@@ -162,7 +169,9 @@ def _write(results: dict, name: str, params, out: Path, command: str | None = No
                             check=False).stdout.strip() or "unknown"
     made = f"Made by `{command}` on {datetime.date.today().isoformat()} at commit {commit}."
     (out / "agreement_levers.json").write_text(json.dumps({"model": name, "arms": results}, indent=2) + "\n")
-    lines = [made, "", f"The {name} model under each training lever, same corpus, epochs ({params.train.epochs}) and seed. "
+    epochs = sorted({r.get("epochs", params.train.epochs) for r in results.values()})
+    lines = [made, "", f"The {name} model under each training lever, same corpus, epochs "
+             f"({', '.join(map(str, epochs))}) and seed. "
              "**Dev** chose (natural-text dev items with >= 1 attractor, NA dev lexicon); **test** reports "
              "(natural test by attractor count, NA test lexicon). Accuracy in %, n items in brackets.", "",
              "| arm | valid PPL | tokens seen (M) | train min | tokens/s | dev natural >=1 attr. | dev natural 0 | dev NA nounpp "
