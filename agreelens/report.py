@@ -132,7 +132,8 @@ def _natural(names: list[str], metrics: Path, reports: Path) -> list[str]:
 def build(names: list[str], metrics: str | Path = "metrics", out: str | Path = "reports/report.md") -> Path:
     metrics, out = Path(metrics), Path(out)
     parts = ["# agreelens report", "",
-             "How an LSTM language model trained on learner English tracks subject-verb agreement, and which "
+             "How an LSTM language model trained on learner English (with WikiText-2, by default) tracks "
+             "subject-verb agreement, and which "
              "of its units do it. Built by `dvc repro` from `metrics/` and `reports/figures/`; the settings are "
              "in `params.yaml`.", ""]
     t6 = table6(names, metrics, out=None)
@@ -199,10 +200,12 @@ def build(names: list[str], metrics: str | Path = "metrics", out: str | Path = "
     na = {n: _read(metrics / f"na_{n}.json")["accuracy"] for n in names}
     cmp = [f"- **{n}**: test PPL {ppl[n]:.1f} (paper {PAPER_TABLE6.get(n, {}).get('ppl', '-')}), NA "
            f"{na[n]:.1%} (paper {PAPER_TABLE6.get(n, {}).get('na', '-')} %)" for n in names]
+    ev = _read(metrics / "eval.json")
+    tokens = " / ".join(f"{ev[n]['train_tokens'] / 1e6:.1f} M" for n in names if "train_tokens" in ev.get(n, {}))
     parts += ["## Beside the paper", "", *cmp,
-              "- The paper's models read 52.5 M / 102.5 M tokens of BERT-augmented text on a GPU; the default "
-              "profile here reads the learner corpus (about 1.3 M / 2.5 M tokens) on 2 CPU cores, so "
-              "perplexities are not comparable (other corpus and vocabulary).", ""]
+              f"- The paper's models read 52.5 M / 102.5 M tokens of BERT-augmented learner text on a GPU; these "
+              f"read the corpora of `params.yaml` (`data.corpora`; {tokens} training tokens, `metrics/eval.json`) "
+              "on 2 CPU cores, so perplexities are not comparable (other corpus and vocabulary).", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(parts))
     return out

@@ -28,7 +28,8 @@ def _sentences(n: int, offset: int = 0) -> list[str]:
 def proj(tmp_path, monkeypatch) -> Path:
     """A clean mini project: corpora, prepared/vocab.txt + train_large.txt, augmented/pairs.tsv."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
-    raw["quality"].update(min_total_tokens=1000)
+    raw["quality"].update(min_total_tokens=1000, length_mostly=0.999, charset_mostly=0.999)
+    raw["data"]["corpora"] = ["tatoeba", "onestopenglish"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw, allow_unicode=True), encoding="utf-8")
     tat = tmp_path / "data" / "tatoeba"
     tat.mkdir(parents=True)

@@ -56,7 +56,7 @@ def test_profiles_override_and_validate(tmp_path):
 def test_repository_params_load_every_profile():
     from tests.conftest import ROOT
 
-    for profile in ("default", "paper", "wiki", "tiny"):
+    for profile in ("default", "paper", "long", "learner", "tiny"):
         p = load_params(ROOT / "params.yaml", profile)
         assert set(p.prepare.sizes) == {"small", "large"}
     paper = load_params(ROOT / "params.yaml", "paper")
