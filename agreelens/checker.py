@@ -106,6 +106,7 @@ class Checker:
     readout_model: Readout | None = None  # shipped with the calibration, else fit from ``stimuli``
     parser: object = None  # spaCy pipeline for the parse rule (agreelens.parserule), where installed
     parse_ahead: int = 0  # requests of up to this many sentences are parsed while the LM scores them
+    _parser_thread: ThreadPoolExecutor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.op is None:
@@ -153,7 +154,7 @@ class Checker:
         one spaCy pipeline, never two threads in it at once); the future holds ``{index: parse}``."""
         from agreelens.parserule import cased_words, parse
 
-        if getattr(self, "_parser_thread", None) is None:
+        if self._parser_thread is None:
             self._parser_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agreelens-parse")
         words = [cased_words(flat[i]["text"], flat[i]["tokens"]) for i in which]
         return self._parser_thread.submit(lambda: dict(zip(which, parse(self.parser, words))))

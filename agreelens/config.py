@@ -3,7 +3,7 @@
 ``params.yaml`` holds one section per pipeline stage (``data``, ``prepare``, ``model``, ``train``,
 ``evaluate``) plus named ``profiles`` that override them. The key ``profile`` picks one; the
 ``default`` profile is the sections as written, and the classes' defaults here equal it (a config built in
-code is the one that runs; ``paper``, ``wiki`` and ``tiny`` are overlays). The CLI, the flows, the service and ``dvc.yaml`` all
+code is the one that runs; ``long``, ``learner``, ``paper`` and ``tiny`` are overlays). The CLI, the flows, the service and ``dvc.yaml`` all
 read settings through :func:`load_params`. For the pipeline (``agreelens`` commands, ``dvc repro``, the
 flows) the ``profile`` key of params.yaml is the only switch, so that DVC sees every change of profile
 (``--profile`` overrides it for one command run by hand); other readers such as the service may also take

@@ -196,11 +196,11 @@ def build(names: list[str], metrics: str | Path = "metrics", out: str | Path = "
               "| " + " | ".join(names) + " |", "|" + "---|" * len(names),
               "| " + " | ".join(f"![probe {n}](figures/probe_{n}.png)" for n in names) + " |", ""]
 
-    ppl = {n: _read(metrics / "eval.json")[n]["test_ppl"] for n in names}
+    ev = _read(metrics / "eval.json")
+    ppl = {n: ev[n]["test_ppl"] for n in names}
     na = {n: _read(metrics / f"na_{n}.json")["accuracy"] for n in names}
     cmp = [f"- **{n}**: test PPL {ppl[n]:.1f} (paper {PAPER_TABLE6.get(n, {}).get('ppl', '-')}), NA "
            f"{na[n]:.1%} (paper {PAPER_TABLE6.get(n, {}).get('na', '-')} %)" for n in names]
-    ev = _read(metrics / "eval.json")
     tokens = " / ".join(f"{ev[n]['train_tokens'] / 1e6:.1f} M" for n in names if "train_tokens" in ev.get(n, {}))
     parts += ["## Beside the paper", "", *cmp,
               f"- The paper's models read 52.5 M / 102.5 M tokens of BERT-augmented learner text on a GPU; these "

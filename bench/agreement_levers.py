@@ -161,12 +161,12 @@ def _pct(x) -> str:
 
 def _write(results: dict, name: str, params, out: Path, command: str | None = None) -> None:
     import datetime
-    import subprocess
+
+    from agreelens.tracking import git_commit
 
     out.mkdir(parents=True, exist_ok=True)
     command = command or "python " + " ".join(sys.argv)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            check=False).stdout.strip() or "unknown"
+    commit = git_commit()[:7]
     made = f"Made by `{command}` on {datetime.date.today().isoformat()} at commit {commit}."
     (out / "agreement_levers.json").write_text(json.dumps({"model": name, "arms": results}, indent=2) + "\n")
     epochs = sorted({r.get("epochs", params.train.epochs) for r in results.values()})

@@ -69,6 +69,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agreelens.tracking import git_commit  # noqa: E402  (light: no torch)
+
 TARGET_P50_MS, TARGET_P99_MS, TARGET_RPS = 15.0, 50.0, 100.0
 SWAP = {"is": "are", "are": "is", "was": "were", "were": "was", "has": "have", "have": "has",
         "does": "do", "do": "does", "likes": "like", "like": "likes", "wants": "want", "want": "wants",
@@ -348,9 +352,8 @@ def main() -> None:
         proc, url, startup = start_service(args.model, Path(tmp) / "bentoml", log_path, project=project)
         print(f"service pid {proc.pid} on {url}, model {args.model}, ready in {startup:.1f} s"
               + (f", settings {' '.join(args.service)}" if args.service else ""))
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=False).stdout.strip() or "unknown"
-        out: dict = {"model": args.model, "date": time.strftime("%Y-%m-%d", time.gmtime()), "commit": commit,
+        out: dict = {"model": args.model, "date": time.strftime("%Y-%m-%d", time.gmtime()),
+                     "commit": git_commit(ROOT)[:7],
                      "concurrency": args.concurrency, "startup_s": round(startup, 1), "settings": args.service}
         try:
             with httpx.Client(base_url=url, timeout=60) as c:

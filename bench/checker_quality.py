@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ from agreelens.checker import find_calibration, load_checker
 from agreelens.config import load_params
 from agreelens.parserule import cased_words, rule_verdicts
 from agreelens.scoring import read_pairs
+from agreelens.tracking import git_commit
 from agreelens.verdicts import OperatingPoint, site_evidence
 
 
@@ -225,8 +225,7 @@ def main() -> None:
     result = f"RESULT checker_quality ratio={o / b if b else float('inf'):.2f} ours={o:.3f} baseline={b:.3f} F1"
     if not args.no_report:
         date = datetime.datetime.now(datetime.UTC).date().isoformat()
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=False).stdout.strip() or "unknown"
+        commit = git_commit(ROOT)[:7]
         head = (f"**Checker quality on the benchmark's {args.split} set** "
                 f"(`nice -n 10 python bench/checker_quality.py`, {date}, commit {commit}, {os.cpu_count()} CPU "
                 f"cores): model `{checker.name}` at its shipped operating point (chosen on the dev set), the same "

@@ -198,10 +198,10 @@ class Guard:
             if not isinstance(data, dict):
                 return await self._answer(send, 400, f"body must be a JSON object, got {type(data).__name__}")
             pairs = data.get("pairs") if path == "/score" else None
-            if isinstance(pairs, list):  # the Pair model's own message, naming the pair and the field
-                problem = next(((i, p) for i, p in ((i, pair_problem(r)) for i, r in enumerate(pairs)) if p), None)
+            for i, rec in enumerate(pairs if isinstance(pairs, list) else []):  # the Pair model's message
+                problem = pair_problem(rec)
                 if problem:
-                    return await self._answer(send, 400, f"pairs[{problem[0]}]: {problem[1]}")
+                    return await self._answer(send, 400, f"pairs[{i}]: {problem}")
             texts = data.get("texts") if path == "/check_batch" else None
             if isinstance(texts, list) and len(texts) > self.max_batch_texts:
                 return await self._answer(send, 413, f"{len(texts):,} texts; the limit is {self.max_batch_texts} "
