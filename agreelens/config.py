@@ -70,7 +70,7 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     batch_size: int = Field(64, ge=1)
     bptt: int = Field(35, ge=2)
-    epochs: int = Field(2, ge=1)
+    epochs: int = Field(1, ge=1)
     max_steps: int = Field(0, ge=0)  # 0 = no cap; otherwise stop after this many updates
     optimizer: Literal["sgd", "adam"] = "adam"
     lr: float = Field(0.003, gt=0)
@@ -91,6 +91,7 @@ class TrainConfig(_Section):
     # token-level agreement margin loss (Noji & Takamura 2020; agreelens/negatives.py): weight, 0 = plain LM
     agreement_loss: float = Field(3.0, ge=0)
     agreement_margin: float = Field(5.0, gt=0)  # nats by which an observed verb must beat its number swap
+    attractor_weight: float = Field(4.0, ge=0)  # margin term's weight at verbs whose nearest preceding noun has the other number
 
 
 class EvaluateConfig(_Section):

@@ -11,15 +11,22 @@ he/she/it and whose base form follows I/you/we/they, to or a modal at least ``mi
 training text (nouns such as "cars" never follow a pronoun). In grammatical text the observed form beats
 its swap in every context where either can stand (``he knows``, ``they know``, ``to know``), so the
 margin is applied at every occurrence.
+
+Most of those verbs follow their subject directly, where agreeing with the nearest noun is right too.
+:func:`attractor_flags` marks the verbs whose nearest preceding noun has the other number ("the boy near
+the cars *knows*"): in grammatical text the verb's own form gives the subject's number, so no parse is
+needed. ``train.attractor_weight`` multiplies the margin term at those verbs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
-from agreelens.lexicon import AUX_PAIRS, morph_pairs, verb_evidence
+from agreelens.lexicon import (AUX_PAIRS, NOMINAL_PREV, NONFINITE_PREV, PLURAL_PRONOUNS, SINGULAR_PRONOUNS,
+                               morph_pairs, verb_evidence)
 from agreelens.vocab import Vocab
 
 
@@ -43,13 +50,50 @@ def swap_table(pairs: Iterable[tuple[str, str]], vocab: Vocab, exclude: Iterable
     return table
 
 
+def attractor_flags(ids: np.ndarray, vocab: Vocab, pairs: Iterable[tuple[str, str]],
+                    swap: torch.Tensor) -> np.ndarray:
+    """(N,) bool over the token stream ``ids`` (sentences ended by ``<eos>``): True at each margin-loss
+    verb (``swap`` >= 0) whose nearest preceding noun in its sentence has the other number. A pronoun
+    closer to the verb is its subject (the boys say *it* works), a word after to/a modal is not finite
+    and one after a determiner or preposition is a noun (the end, after work): none of these is marked.
+    Nouns are the ``(w, w+s)`` vocabulary pairs that are not verbs of ``pairs``."""
+    singular_verbs = {s for s, _ in pairs}
+    verb_words = {w for pair in pairs for w in pair}
+    number = np.zeros(len(vocab), dtype=np.int8)  # noun number: 1 singular, -1 plural, 2 a stop
+    for sg, pl in morph_pairs(vocab):
+        if sg not in verb_words and pl not in verb_words:
+            number[vocab.index(sg)], number[vocab.index(pl)] = 1, -1
+    for w in (*SINGULAR_PRONOUNS, *PLURAL_PRONOUNS, "<eos>"):
+        if w in vocab:
+            number[vocab.index(w)] = 2
+    verb_number = np.zeros(len(vocab), dtype=np.int8)
+    is_verb = swap.numpy() >= 0
+    for i in np.flatnonzero(is_verb):
+        verb_number[i] = 1 if vocab.itos[i] in singular_verbs else -1
+    nonfinite = np.zeros(len(vocab), dtype=bool)
+    nonfinite[[vocab.index(w) for w in NONFINITE_PREV | NOMINAL_PREV if w in vocab]] = True
+    if not len(ids):
+        return np.zeros(0, dtype=bool)
+    kind = number[ids]
+    pos = np.arange(len(ids))
+    last = np.maximum.accumulate(np.where(kind != 0, pos, -1))  # the last noun or stop at or before each token
+    before = np.concatenate([[-1], last[:-1]])
+    prev_ok = np.concatenate([[False], ~nonfinite[ids[:-1]]])
+    noun = np.where(before >= 0, kind[np.maximum(before, 0)], 0)
+    return is_verb[ids] & prev_ok & (np.abs(noun) == 1) & (noun != verb_number[ids])
+
+
 def margin_loss(model, features: torch.Tensor, targets: torch.Tensor, swap: torch.Tensor,
-                delta: float) -> torch.Tensor:
-    """Sum over pair-word targets of ``max(0, delta - (log P(target) - log P(swap(target))))``,
-    divided by the number of targets (so its scale matches the per-token LM loss)."""
+                delta: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over pair-word targets of ``max(0, delta - (log P(target) - log P(swap(target))))``, each times
+    its entry of ``weights`` (same shape as ``targets``; None: 1), divided by the number of targets (so its
+    scale matches the per-token LM loss)."""
     other = swap[targets]
     mask = other >= 0
     if not bool(mask.any()):
         return features.sum() * 0.0  # keeps every parameter in the graph (DDP)
     margins = model.target_margin(features[mask], targets[mask], other[mask])
-    return torch.relu(delta - margins).sum() / targets.numel()
+    hinge = torch.relu(delta - margins)
+    if weights is not None:
+        hinge = hinge * weights[mask]
+    return hinge.sum() / targets.numel()

@@ -22,6 +22,7 @@ nearest noun costs a language model nothing. Two stages fix the data, not the mo
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections import Counter
@@ -52,6 +53,7 @@ class SyntaxConfig(BaseModel):
     max_len: int = Field(8, ge=1)
     seed: int = 1
     batch_size: int = Field(256, ge=1)  # sentences per parser batch
+    processes: int = Field(0, ge=0)  # parser processes (0 = one per core); the parse is the same for any number
 
 
 def _cased(tokens: list[str]) -> list[str]:
@@ -90,32 +92,62 @@ def sentence_structure(doc, min_len: int = 2, max_len: int = 8) -> dict:
     return {"sites": sites, "mods": mods}
 
 
+_NLP = None  # a parse worker's parser, loaded once per process
+
+
+def _structures(job: tuple[list[str], int, int, int]) -> list[dict]:
+    """Sites and modifiers of a chunk of training lines (a parse worker's task; see :func:`run_parse`)."""
+    global _NLP
+    from spacy.tokens import Doc
+
+    lines, batch_size, min_len, max_len = job
+    if _NLP is None:
+        _NLP = load_parser()
+    docs = (Doc(_NLP.vocab, words=_cased(line.split())) for line in lines)
+    return [sentence_structure(doc, min_len, max_len) for doc in _NLP.pipe(docs, batch_size=batch_size)]
+
+
 def run_parse(params, progress: bool = True) -> dict:
     """Stage ``parse``: ``<parsed>/train_large.jsonl``, one line per training sentence with a site or a
-    modifier: ``{"k": line index, "sites": [[subj, verb, S|P]], "mods": [[start, end, S|P, head S|P, dep]]}``."""
-    from spacy.tokens import Doc
+    modifier: ``{"k": line index, "sites": [[subj, verb, S|P]], "mods": [[start, end, S|P, head S|P, dep]]}``.
+    ``syntax.processes`` workers parse chunks of 16 parser batches each, so every sentence meets the same
+    batch as in one process and the file is the same for any number of them."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
     from agreelens.corpus import read_split
 
     cfg = params.syntax
     lines = read_split(Path(params.prepare.out) / "train_large.txt")
-    nlp = load_parser()
     out = Path(cfg.parsed) / "train_large.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     t0, n_sites, n_mods = time.time(), 0, 0
-    docs = (Doc(nlp.vocab, words=_cased(line.split())) for line in lines)
-    with open(tmp, "w", encoding="utf-8") as f:
-        for k, doc in enumerate(tqdm(nlp.pipe(docs, batch_size=cfg.batch_size), total=len(lines), unit="sent",
-                                     desc="parse training text", disable=not progress, mininterval=2)):
-            st = sentence_structure(doc, cfg.min_len, cfg.max_len)
-            if st["sites"] or st["mods"]:
-                f.write(json.dumps({"k": k, **st}) + "\n")
-                n_sites += len(st["sites"])
-                n_mods += len(st["mods"])
+    size = 16 * cfg.batch_size
+    jobs = [(lines[i:i + size], cfg.batch_size, cfg.min_len, cfg.max_len) for i in range(0, len(lines), size)]
+    processes = max(1, min(cfg.processes or os.cpu_count() or 1, len(jobs)))
+    pool = ProcessPoolExecutor(processes) if processes > 1 else None
+    bar = tqdm(total=len(lines), unit="sent", desc=f"parse training text ({processes} processes)",
+               disable=not progress, mininterval=2)
+    k = 0
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for chunk in (pool.map(_structures, jobs) if pool else map(_structures, jobs)):
+                for st in chunk:
+                    if st["sites"] or st["mods"]:
+                        f.write(json.dumps({"k": k, **st}) + "\n")
+                        n_sites += len(st["sites"])
+                        n_mods += len(st["mods"])
+                    k += 1
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+        if pool:
+            pool.shutdown(cancel_futures=True)
     tmp.replace(out)
-    return {"sentences": len(lines), "sites": n_sites, "modifiers": n_mods, "seconds": round(time.time() - t0, 1)}
+    return {"sentences": len(lines), "sites": n_sites, "modifiers": n_mods, "seconds": round(time.time() - t0, 1),
+            "processes": processes}
 
 
 def synthesize(lines: list[str], parsed: list[dict], cfg: SyntaxConfig) -> tuple[list[tuple[int, str]], dict]:

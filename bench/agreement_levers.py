@@ -10,6 +10,8 @@ Arms of one model size (default ``large``), same corpus, vocabulary, epochs, see
 - ``margin+mixed``: the margin loss on syntax-aware text whose inserted modifiers hold a noun of the other
   number half of the time (``syntax.other_number: 0.5``) and of the subject's own number otherwise, so the
   noun next to the verb no longer tells the verb's number the opposite way;
+- ``margin+syntax+attrW``: ``margin+syntax`` with the margin term weighted W times (default 4) at verbs
+  whose nearest preceding noun has the other number (``train.attractor_weight``);
 - ``margin+syntax+wiki``: ``margin+syntax`` with WikiText-2's training split added to the corpora
   (``data.corpora + [wikitext2]``, its own vocabulary of ``--wiki-vocab`` words, prepared under ``--work``):
   more natural text with subjects and verbs apart. Its valid split includes WikiText-2's, its test split
@@ -21,7 +23,7 @@ An arm whose settings equal the pipeline's is taken from ``models/<model>`` unle
 are trained into ``--work`` (``--reuse`` keeps what an earlier run left there). Writes
 ``OUT/agreement_levers.{json,md,png}``.
 
-    python bench/agreement_levers.py [--model large] [--arms plain,margin,syntax,margin+syntax] [--reuse]
+    python bench/agreement_levers.py [--model large] [--arms plain,margin,syntax,margin+syntax,margin+syntax+attr4] [--reuse]
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from agreelens.train import Paths, train  # noqa: E402
 
 # arm: (margin loss, syntax-aware text: None = off, else the share of other-number modifiers; 1.0 = the pipeline's)
 ARMS = {"plain": (False, None), "margin": (True, None), "syntax": (False, 1.0), "margin+syntax": (True, 1.0),
-        "margin+mixed": (True, 0.5), "margin+syntax+wiki": (True, 1.0)}
+        "margin+mixed": (True, 0.5), "margin+syntax+attr": (True, 1.0), "margin+syntax+wiki": (True, 1.0)}
 WIKI_ARMS = {"margin+syntax+wiki"}
 BUCKETS = ("0", "1", "2+")
 
@@ -128,11 +130,14 @@ def main() -> None:
     name, out = args.model, Path(args.out)
     results = {}
     for arm in args.arms.split(","):
-        margin, other_number = ARMS[arm]
+        base, attr, weight = arm.partition("+attr")
+        margin, other_number = ARMS[f"{base}+attr" if attr else arm]
         work = Path(args.work) / f"{name}_{arm.replace('+', '_')}"
         arm_params, text_dir = _arm(params, margin, other_number, work)
         if arm in WIKI_ARMS:
             arm_params, text_dir = _wiki_text(arm_params, name, work, args.wiki_vocab)
+        arm_params = arm_params.model_copy(  # the attractor weight is the +attr arms' alone
+            update={"train": arm_params.train.model_copy(update={"attractor_weight": float(weight or 4) if attr else 1.0})})
         if args.epochs:
             arm_params = arm_params.model_copy(
                 update={"train": arm_params.train.model_copy(update={"epochs": args.epochs})})

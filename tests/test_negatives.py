@@ -3,6 +3,7 @@ table, the hinge's known values on hand-set logits and on an adaptive softmax, a
 
 import hashlib
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -10,7 +11,7 @@ import yaml
 from agreelens.config import ModelConfig, load_params
 from agreelens.corpus import read_split
 from agreelens.model import RNNModel, load_model
-from agreelens.negatives import find_verb_pairs, margin_loss, swap_table
+from agreelens.negatives import attractor_flags, find_verb_pairs, margin_loss, swap_table
 from agreelens.stimuli import StimuliConfig
 from agreelens.train import train
 from agreelens.vocab import Vocab
@@ -63,6 +64,35 @@ def test_margin_loss_is_the_hinge_on_hand_set_logits():
     assert margin_loss(model, features, none, swap, delta=5.0).item() == 0.0
 
 
+def test_attractor_flags_mark_verbs_after_a_noun_of_the_other_number():
+    vocab = Vocab("<eos> <unk> the boy boys car cars near knows know is are he they to said".split())
+    pairs = [("is", "are"), ("knows", "know")]
+    swap = swap_table(pairs, vocab)
+
+    def marked(*lines):
+        ids = vocab.encode_lines(lines).numpy()
+        return [vocab.itos[i] for i, f in zip(ids, attractor_flags(ids, vocab, pairs, swap)) if f]
+
+    assert marked("the boy near the cars knows", "the boys near the car know") == ["knows", "know"]
+    assert marked("the car near the boys is") == ["is"]
+    assert marked("the boy knows", "the boys near the cars know") == []  # the nearest noun agrees
+    assert marked("the boys said he knows") == []  # a pronoun closer to the verb is its subject
+    assert marked("the cars to know", "the boy near the know") == []  # not finite; a noun after "the"
+    assert marked("the cars", "knows") == []  # the noun of the sentence before does not count
+    # weights scale each target's hinge: two "is" targets of margin 2 and 7, delta 5, weight 4 on the first
+    v2 = Vocab(["<eos>", "<unk>", "is", "are", "the"])
+    model = RNNModel(len(v2), ModelConfig(emb_size=4, hidden_size=4, layers=1, dropout=0.0, softmax="full"))
+    with torch.no_grad():
+        model.decoder.weight.zero_()
+        model.decoder.bias.zero_()
+        model.decoder.weight[v2.index("is"), 0] = 1.0
+    features = torch.tensor([[[2.0, 0, 0, 0]], [[7.0, 0, 0, 0]]])
+    targets = torch.full((2, 1), v2.index("is"))
+    w = torch.tensor([[4.0], [1.0]])
+    assert margin_loss(model, features, targets, swap_table([("is", "are")], v2), 5.0, w).item() == 6.0  # 4 * 3 / 2
+    assert np.array_equal(attractor_flags(np.array([], dtype=np.int64), vocab, pairs, swap), [])
+
+
 def test_margin_loss_matches_full_log_probs_on_an_adaptive_softmax():
     cfg = StimuliConfig()
     vocab = stimuli_vocab(cfg, shuffle=True)  # verb forms in the head and in both tail clusters, mixed
@@ -104,7 +134,7 @@ def test_training_with_the_margin_loss_widens_held_out_verb_margins(project):
     plain = train(params, "large", quiet=True)
     before = _mean_verb_margin(project, pairs)
     raw = yaml.safe_load((project / "params.yaml").read_text())
-    raw["profiles"]["tiny"]["train"].update(agreement_loss=10.0, agreement_margin=5.0)
+    raw["profiles"]["tiny"]["train"].update(agreement_loss=10.0, agreement_margin=5.0, attractor_weight=1.0)
     (project / "params.yaml").write_text(yaml.safe_dump(raw))
     summary = train(load_params(project / "params.yaml"), "large", quiet=True)
     after = _mean_verb_margin(project, pairs)

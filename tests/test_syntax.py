@@ -59,3 +59,23 @@ def test_inserted_length():
     assert inserted_length(src, "the boy near the cars like it .".split()) is None  # the verb changed
     assert inserted_length(src, src) is None
     assert inserted_length(src, "near the cars the boy likes it .".split()) == 3
+
+
+def test_the_parse_is_the_same_with_two_processes(tmp_path):
+    from agreelens.config import Params
+    from agreelens.syntax import run_parse
+
+    (tmp_path / "prepared").mkdir()
+    lines = ["the boy likes the girls .", "the keys to the cabinet are on the table .",
+             "the dogs near the house bark .", "my sister who lives in paris works at a bank ."] * 6
+    (tmp_path / "prepared" / "train_large.txt").write_text("".join(f"{x}\n" for x in lines))
+    base = Params()
+    out = {}
+    for n in (1, 2):
+        syntax = base.syntax.model_copy(update={"parsed": str(tmp_path / f"parsed{n}"), "batch_size": 1, "processes": n})
+        params = base.model_copy(update={"syntax": syntax,
+                                         "prepare": base.prepare.model_copy(update={"out": str(tmp_path / "prepared")})})
+        st = run_parse(params, progress=False)
+        assert st["processes"] == n and st["sentences"] == 24
+        out[n] = (tmp_path / f"parsed{n}" / "train_large.jsonl").read_text()
+    assert out[1] == out[2] and '"sites": [[1, 2, "S"]]' in out[1]

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from agreelens.augment import run_augment
 from agreelens.syntax import run_augment_syntax
-from agreelens.config import load_params
+from agreelens.config import Params, load_params
 from agreelens.corpus import prepare
 from agreelens.train import SentenceStream, batchify, train
 from agreelens.vocab import Vocab
@@ -40,6 +40,26 @@ def test_epoch_order_is_a_seeded_permutation_of_whole_sentences():
 
     assert sorted(sentences(e1)) == sorted(lines)
     assert sentences(stream.epoch(7, 0, False)) == lines
+
+
+def test_attractor_weights_follow_their_tokens_through_the_shuffle():
+    from agreelens.train import _agreement_swap
+
+    vocab = Vocab("<eos> <unk> the boy boys car cars near sings sing is are he they".split())
+    lines = ["the boy near the cars sings", "he sings", "they sing", "the boys near the car are", "the boy is"] * 5
+    stream = SentenceStream(vocab, lines)
+    def weighted(w: float) -> Params:
+        base = Params()
+        return base.model_copy(update={"train": base.train.model_copy(update={"attractor_weight": w})})
+
+    params = weighted(4.0)
+    swap, n, weights = _agreement_swap(params, vocab, lines, stream, quiet=True)
+    assert n == 2 and weights.shape == (stream.tokens,)
+    order = stream.positions(7, 1, True)
+    ids, w = stream.ids[order], weights[order]
+    assert sorted(vocab.itos[i] for i in ids[w == 4.0]) == ["are"] * 5 + ["sings"] * 5
+    assert set(w.tolist()) == {1.0, 4.0}
+    assert _agreement_swap(weighted(1.0), vocab, lines, stream, quiet=True)[2] is None  # weight 1: no per-token weights
 
 
 def _tiny(project, **train_overrides):
