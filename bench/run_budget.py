@@ -27,39 +27,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-STAGE = re.compile(r"^(\d\d):(\d\d):(\d\d) Running stage '([^']+)'")
-STAMP = re.compile(r"^(\d\d):(\d\d):(\d\d) ")
+STAMP = re.compile(r"^(\d\d):(\d\d):(\d\d) (.*)")
+STAGE = re.compile(r"Running stage '([^']+)'")
 
 
 def stage_minutes(lines: list[str]) -> tuple[dict[str, float], float]:
     """Minutes per stage of a stamped ``dvc repro`` log (a stage runs until the next starts or the log
     ends) and the minutes of the whole log."""
-    def seconds(m) -> int:
-        return int(m.group(1)) * 3600 + int(m.group(2)) * 60 + int(m.group(3))
-
-    stamps = [seconds(m) for m in map(STAMP.match, lines) if m]
-    if not stamps:
-        raise ValueError("no stamped lines (HH:MM:SS text) in the log")
-    day = 0
-    for i in range(1, len(stamps)):  # past midnight
-        stamps[i] += day
-        if stamps[i] < stamps[i - 1]:
-            day += 86400
-            stamps[i] += 86400
-    starts, k = [], 0
+    stamped, day = [], 0  # (seconds, stage starting on that line or None)
     for line in lines:
         m = STAMP.match(line)
         if not m:
             continue
-        s = STAGE.match(line)
-        if s:
-            starts.append((s.group(4), stamps[k]))
-        k += 1
-    out: dict[str, float] = {}
-    for i, (name, t) in enumerate(starts):
-        end = starts[i + 1][1] if i + 1 < len(starts) else stamps[-1]
-        out[name] = round((end - t) / 60, 2)
-    return out, round((stamps[-1] - stamps[0]) / 60, 2)
+        t = int(m.group(1)) * 3600 + int(m.group(2)) * 60 + int(m.group(3)) + day
+        if stamped and t < stamped[-1][0]:  # past midnight
+            day += 86400
+            t += 86400
+        stage = STAGE.match(m.group(4))
+        stamped.append((t, stage.group(1) if stage else None))
+    if not stamped:
+        raise ValueError("no stamped lines (HH:MM:SS text) in the log")
+    starts = [(name, t) for t, name in stamped if name]
+    ends = [t for _, t in starts[1:]] + [stamped[-1][0]]
+    stages = {name: round((end - t) / 60, 2) for (name, t), end in zip(starts, ends)}
+    return stages, round((stamped[-1][0] - stamped[0][0]) / 60, 2)
 
 
 def main() -> None:
