@@ -16,6 +16,10 @@ Most of those verbs follow their subject directly, where agreeing with the neare
 :func:`attractor_flags` marks the verbs whose nearest preceding noun has the other number ("the boy near
 the cars *knows*"): in grammatical text the verb's own form gives the subject's number, so no parse is
 needed. ``train.attractor_weight`` multiplies the margin term at those verbs.
+
+:func:`number_loss` is the auxiliary objective of Linzen et al. (2016) and Enguehard et al. (2017): at the
+same verb tokens, a linear readout of the features that predict the verb must tell the verb's number
+(the subject's), a logistic loss on the state itself rather than on the decoder's two logits.
 """
 
 from __future__ import annotations
@@ -97,3 +101,28 @@ def margin_loss(model, features: torch.Tensor, targets: torch.Tensor, swap: torc
     if weights is not None:
         hinge = hinge * weights[mask]
     return hinge.sum() / targets.numel()
+
+
+def verb_numbers(swap: torch.Tensor, vocab: Vocab, pairs: Iterable[tuple[str, str]]) -> torch.Tensor:
+    """(V,) int8: 1 at each singular form of the margin-loss pairs (``swap`` >= 0), -1 at each plural, else 0."""
+    out = torch.zeros(len(vocab), dtype=torch.int8)
+    for sg, pl in pairs:
+        if sg in vocab and pl in vocab and swap[vocab.index(sg)] >= 0:
+            out[vocab.index(sg)], out[vocab.index(pl)] = 1, -1
+    return out
+
+
+def number_loss(head: torch.nn.Module, features: torch.Tensor, targets: torch.Tensor, verb_number: torch.Tensor,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over verb targets (``verb_number`` != 0) of the logistic loss of ``head(features)`` (the logit of
+    "singular") against the verb's number, each times its entry of ``weights`` (None: 1), divided by the
+    number of targets like :func:`margin_loss`."""
+    sign = verb_number[targets]
+    mask = sign != 0
+    if not bool(mask.any()):
+        return features.sum() * 0.0 + sum(p.sum() for p in head.parameters()) * 0.0  # every parameter in the graph
+    logits = head(features[mask].float()).squeeze(-1).float()
+    w = weights[mask].float() if weights is not None else None
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, (sign[mask] > 0).float(), weight=w,
+                                                                reduction="sum")
+    return loss / targets.numel()

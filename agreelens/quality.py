@@ -187,8 +187,8 @@ def _syntax_checks(params: Params) -> list[Check]:
         Check("one_insertion", "pairs", "ExpectColumnValuesToNotBeNull", {"column": "inserted"},
               "each synthetic sentence is its source with one contiguous run inserted (the verb keeps its form)"),
         Check("insertion_length", "pairs", "ExpectColumnValuesToBeBetween",
-              {"column": "inserted", "min_value": sx.min_len, "max_value": sx.max_len},
-              f"{sx.min_len} to {sx.max_len} tokens inserted"),
+              {"column": "inserted", "min_value": sx.min_len, "max_value": sx.max_len * (2 if sx.stack else 1)},
+              f"{sx.min_len} to {sx.max_len * (2 if sx.stack else 1)} tokens inserted"),
     ]
 
 

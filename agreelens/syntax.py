@@ -13,7 +13,8 @@ nearest noun costs a language model nothing. Two stages fix the data, not the mo
 ``augment_syntax`` (``agreelens augment-syntax``)
     for a seeded sample of sites, a modifier from another sentence is inserted right after the subject
     ("the boy likes ..." -> "the boy *near the cars* likes ..."); the verb keeps its form. The modifier's
-    nouns have the other number with probability ``other_number``. A clause modifier ("who watch the
+    nouns have the other number with probability ``other_number``; a share ``stack`` of the insertions are
+    two prepositional phrases of that number in a row ("the boy *near the cars of the farmers* likes ..."). A clause modifier ("who watch the
     games") keeps its own verb, so it only goes after a subject of its original head's number. Writes
     ``<out>/pairs.tsv`` (source<TAB>synthetic) and each model's training text ``<out>/train_<model>.txt``:
     the BERT-augmented text plus the synthetic sentences of its own sources.
@@ -51,6 +52,9 @@ class SyntaxConfig(BaseModel):
     other_number: float = Field(1.0, ge=0, le=1)  # share of insertions whose nouns have the other number
     min_len: int = Field(2, ge=1)  # modifier length in tokens
     max_len: int = Field(8, ge=1)
+    # share of insertions that stack two prepositional modifiers of the same number ("the boy near the cars of
+    # the farmers likes"): two or more attractors, as in the long noun phrases of written text
+    stack: float = Field(0.5, ge=0, le=1)
     seed: int = 1
     batch_size: int = Field(256, ge=1)  # sentences per parser batch
     processes: int = Field(0, ge=0)  # parser processes (0 = one per core); the parse is the same for any number
@@ -176,12 +180,23 @@ def synthesize(lines: list[str], parsed: list[dict], cfg: SyntaxConfig) -> tuple
         if not pool:
             continue
         mod = rng.choice(pool)
+        stacked = cfg.stack > 0 and rng.random() < cfg.stack
+        if stacked:  # two phrases, both prepositional (a clause's own verb would need its head's number)
+            preps = bank.get((want, "*"), [])
+            if len(preps) < 2:
+                continue
+            first, second = rng.sample(range(len(preps)), 2)
+            mod = preps[first] + preps[second]
         toks = lines[k].split()
         out.append((k, " ".join(toks[: s + 1] + list(mod) + toks[s + 1:])))
         used.add(k)
         counts[f"{number}{want}"] += 1
+        counts["stacked"] += stacked
+    stacked = counts.pop("stacked", 0)
     stats = {"sites": len(sites), "modifiers": {f"{n}/{h}": len(v) for (n, h), v in sorted(bank.items())},
              "synthetic": len(out), "subject_modifier_numbers": dict(sorted(counts.items()))}
+    if cfg.stack:
+        stats["stacked"] = stacked
     return out, stats
 
 

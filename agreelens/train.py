@@ -25,7 +25,7 @@ from agreelens.config import Params
 from agreelens.corpus import read_split
 from agreelens.distributed import World, wrap
 from agreelens.model import RNNModel, device_of, evaluating, save_model
-from agreelens.negatives import attractor_flags, find_verb_pairs, margin_loss, swap_table
+from agreelens.negatives import attractor_flags, find_verb_pairs, margin_loss, number_loss, swap_table, verb_numbers
 from agreelens.plots import plot_learning_curves
 from agreelens.vocab import Vocab
 
@@ -127,7 +127,7 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)  # atomic: a kill during the write leaves the previous checkpoint
 
 
-def _make_optimizer(model: RNNModel, params: Params):
+def _make_optimizer(model: torch.nn.Module, params: Params):
     t = params.train
     if t.optimizer == "adam":  # fused: one kernel for all parameters (a tenth of a CPU step is Adam's otherwise)
         return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, fused=True)
@@ -160,19 +160,27 @@ class _Step(torch.nn.Module):
     """One training forward: features and loss in one call, so that DDP sees every parameter used
     (the decoder's too) in the graph of its output."""
 
-    def __init__(self, model: RNNModel, swap: torch.Tensor | None = None, weight: float = 0.0, delta: float = 0.0):
+    def __init__(self, model: RNNModel, swap: torch.Tensor | None = None, weight: float = 0.0, delta: float = 0.0,
+                 number_weight: float = 0.0, verb_number: torch.Tensor | None = None):
         super().__init__()
         self.model = model
-        self.weight, self.delta = weight, delta
+        self.weight, self.delta, self.number_weight = weight, delta, number_weight
         self.register_buffer("swap", swap if swap is not None else torch.empty(0, dtype=torch.long), persistent=False)
+        # the subject-number objective's readout: logit of "singular" from the features that predict a verb
+        self.number_head = torch.nn.Linear(model.decoder.in_features, 1) if number_weight else None
+        self.register_buffer("verb_number", verb_number if verb_number is not None else torch.empty(0, dtype=torch.int8),
+                             persistent=False)
 
     def forward(self, x: torch.Tensor, hidden, y: torch.Tensor, w: torch.Tensor | None = None):
         """-> (loss to minimise, the LM loss alone, hidden); ``w``: the margin term's weight per target"""
         features, hidden = self.model(x, hidden)
         lm = self.model.loss(features, y)
-        if not self.weight:
-            return lm, lm, hidden
-        return lm + self.weight * margin_loss(self.model, features, y, self.swap, self.delta, w), lm, hidden
+        loss = lm
+        if self.weight:
+            loss = loss + self.weight * margin_loss(self.model, features, y, self.swap, self.delta, w)
+        if self.number_head is not None:
+            loss = loss + self.number_weight * number_loss(self.number_head, features, y, self.verb_number, w)
+        return loss, lm, hidden
 
 
 def _seed_all(seed: int) -> None:
@@ -220,11 +228,12 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
     model = RNNModel(len(vocab), params.model).to(device)
     if world.distributed:  # same initial weights everywhere; dropout masks of their own
         torch.manual_seed(t.seed + 7919 * world.rank)
-    swap, n_pairs, weights = _agreement_swap(params, vocab, lines, stream, quiet)
+    swap, pairs, weights = _agreement_swap(params, vocab, lines, stream, quiet)
     del lines
-    step_fn = wrap(_Step(model, swap, t.agreement_loss, t.agreement_margin).to(device), world,
-                   unused=params.model.softmax == "adaptive")
-    opt = _make_optimizer(model, params)
+    step = _Step(model, swap, t.agreement_loss, t.agreement_margin, t.number_loss,
+                 verb_numbers(swap, vocab, pairs) if t.number_loss else None).to(device)
+    step_fn = wrap(step, world, unused=params.model.softmax == "adaptive")
+    opt = _make_optimizer(step, params)  # the model's parameters, then the number readout's (if any)
     sched = _make_scheduler(opt, params, total_steps)
     fingerprint = _fingerprint(params, paths, name)
     st = {"epoch": 0, "epoch_step": 0, "step": 0, "best_valid_ppl": float("inf"), "bad_evals": 0,
@@ -236,6 +245,8 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
         ckpt = torch.load(paths.checkpoint, map_location="cpu", weights_only=True)  # load_state_dict moves to the device
         if ckpt.get("fingerprint") == fingerprint:
             model.load_state_dict(ckpt["model"])
+            if step.number_head is not None:
+                step.number_head.load_state_dict(ckpt["number_head"])
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
             st.update(ckpt["state"])
@@ -276,7 +287,8 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
         _save_checkpoint(paths.checkpoint, {
             "fingerprint": fingerprint, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "rng": rng, "best_model": best_state, "hidden": full,
-            "state": {**st, "window_loss": window[0], "window_tokens": int(window[1])}})
+            "state": {**st, "window_loss": window[0], "window_tokens": int(window[1])},
+            **({"number_head": step.number_head.state_dict()} if step.number_head is not None else {})})
 
     mlflow = (tracking.mlflow_run("agreelens-train", f"train-{name}", mlflow_params, tags, st["run_id"])
               if world.main else nullcontext(tracking.Run(None)))
@@ -378,8 +390,8 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
                    "stopped_early": st["stopped_early"], "device": device.type, "profile": params.profile}
         if world.distributed:
             summary["processes"] = world.size
-        if n_pairs:
-            summary["agreement_pairs"] = n_pairs
+        if swap is not None:
+            summary["agreement_pairs"] = int((swap >= 0).sum()) // 2
         if not world.main:
             return summary
         save_model(model.cpu(), vocab, paths.model_dir, extra={"name": name, "train": summary})
@@ -395,13 +407,13 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
 
 
 def _agreement_swap(params: Params, vocab: Vocab, lines: list[str], stream: SentenceStream,
-                    quiet: bool) -> tuple[torch.Tensor | None, int, np.ndarray | None]:
-    """The number-swap table of the agreement margin loss over the training ``lines`` (None when
-    ``train.agreement_loss`` is 0), its number of pairs, and the margin term's weight at each token of
-    ``stream`` (None unless ``train.attractor_weight`` differs from 1)."""
+                    quiet: bool) -> tuple[torch.Tensor | None, list[tuple[str, str]], np.ndarray | None]:
+    """The number-swap table of the agreement losses over the training ``lines`` (None when neither
+    ``train.agreement_loss`` nor ``train.number_loss`` is on), its verb pairs, and the agreement terms' weight
+    at each token of ``stream`` (None unless ``train.attractor_weight`` differs from 1)."""
     t = params.train
-    if not t.agreement_loss:
-        return None, 0, None
+    if not (t.agreement_loss or t.number_loss):
+        return None, [], None
     pairs = find_verb_pairs(lines, vocab)
     exclude = [w for pair in params.stimuli.verbs for w in pair]  # NA-task verbs (dev and test) are never in the loss
     table = swap_table(pairs, vocab, exclude)
@@ -412,13 +424,14 @@ def _agreement_swap(params: Params, vocab: Vocab, lines: list[str], stream: Sent
         weights = np.where(flags, np.float32(t.attractor_weight), np.float32(1.0))
     if not quiet:
         kept = [f"{s}/{p}" for s, p in pairs if table[vocab.index(s)] >= 0]
-        print(f"[train] agreement margin loss on {n} verb pairs"
+        losses = " and ".join(x for x, on in (("margin", t.agreement_loss), ("subject-number", t.number_loss)) if on)
+        print(f"[train] agreement {losses} loss on {n} verb pairs"
               f" (NA-task verbs held out): {', '.join(kept[:12])}, ...")
         if weights is not None:
             verbs = int((table.numpy()[stream.ids] >= 0).sum())
             print(f"[train] weight {t.attractor_weight:g} at {int(flags.sum()):,} of {verbs:,} verb tokens whose "
                   "nearest preceding noun has the other number")
-    return table, n, weights
+    return table, pairs, weights
 
 
 def _na_pairs(folder: str, natural: str = "") -> list[dict]:

@@ -12,6 +12,10 @@ Arms of one model size (default ``large``), same corpus, vocabulary, epochs, see
   noun next to the verb no longer tells the verb's number the opposite way;
 - ``margin+syntax+attrW``: ``margin+syntax`` with the margin term weighted W times (default 4) at verbs
   whose nearest preceding noun has the other number (``train.attractor_weight``);
+- ``...+numN``: any arm with the auxiliary subject-number objective at weight N (default 1;
+  ``train.number_loss``): a linear readout of the state before each margin-loss verb must tell its number;
+- ``...+stackS``: any syntax arm with a share S (default 0.5) of its insertions stacking two prepositional
+  modifiers of the other number (``syntax.stack``): two or more attractors;
 - ``margin+syntax+wiki``: ``margin+syntax`` with WikiText-2's training split added to the corpora
   (``data.corpora + [wikitext2]``, its own vocabulary of ``--wiki-vocab`` words, prepared under ``--work``):
   more natural text with subjects and verbs apart. Its valid split includes WikiText-2's, its test split
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -42,7 +47,8 @@ from agreelens.train import Paths, train  # noqa: E402
 
 # arm: (margin loss, syntax-aware text: None = off, else the share of other-number modifiers; 1.0 = the pipeline's)
 ARMS = {"plain": (False, None), "margin": (True, None), "syntax": (False, 1.0), "margin+syntax": (True, 1.0),
-        "margin+mixed": (True, 0.5), "margin+syntax+attr": (True, 1.0), "margin+syntax+wiki": (True, 1.0)}
+        "margin+mixed": (True, 0.5), "margin+syntax+wiki": (True, 1.0)}
+MODIFIERS = {"attr": 4.0, "stack": 0.5, "num": 1.0}  # arm suffixes (+attr4, +stack0.5, +num1) and their defaults
 WIKI_ARMS = {"margin+syntax+wiki"}
 BUCKETS = ("0", "1", "2+")
 
@@ -66,7 +72,23 @@ def _wiki_text(params, name: str, work: Path, max_vocab: int):
     return wiki, text.parent
 
 
-def _arm(params, margin: bool, other_number: float | None, work: Path):
+def parse_arm(arm: str) -> tuple[str, dict[str, float]]:
+    """``"margin+syntax+attr4+stack"`` -> ``("margin+syntax", {"attr": 4.0, "stack": 0.5})``."""
+    base, mods = [], {}
+    for part in arm.split("+"):
+        m = re.fullmatch(r"(attr|stack|num)([0-9.]*)", part)
+        if m:
+            mods[m[1]] = float(m[2]) if m[2] else MODIFIERS[m[1]]
+        else:
+            base.append(part)
+    core = "+".join(base)
+    if core not in ARMS:
+        raise SystemExit(f"--arms: unknown arm '{arm}' (arms: {', '.join(ARMS)}; suffixes: "
+                         + ", ".join(f"+{k}<value>" for k in MODIFIERS) + ")")
+    return core, mods
+
+
+def _arm(params, margin: bool, other_number: float | None, work: Path, stack: float = 0.0):
     """The arm's settings and the folder of its training text (written here when it is not the pipeline's)."""
     from agreelens.syntax import run_augment_syntax
 
@@ -74,11 +96,12 @@ def _arm(params, margin: bool, other_number: float | None, work: Path):
     arm_params = params.model_copy(update={"train": t})
     if other_number is None:
         return arm_params, Path(params.augment.out)
-    if other_number == params.syntax.other_number:
+    if other_number == params.syntax.other_number and stack == params.syntax.stack:
         return arm_params, Path(params.syntax.out)
     text_dir = work / "syntax"
     if not (text_dir / "pairs.tsv").is_file():
-        s = params.syntax.model_copy(update={"other_number": other_number, "out": str(text_dir), "enabled": True})
+        s = params.syntax.model_copy(update={"other_number": other_number, "stack": stack, "out": str(text_dir),
+                                            "enabled": True})
         run_augment_syntax(params.model_copy(update={"syntax": s}), metrics_path=text_dir / "syntax.json")
     return arm_params, text_dir
 
@@ -98,7 +121,8 @@ def _evaluate(params, model_dir: Path, summary: dict, work: Path) -> dict:
         "valid_ppl": summary["best_valid_ppl"], "train_seconds": seconds,
         "tokens_per_second": summary.get("tokens_per_second"), "tokens_seen": summary.get("tokens_seen"),
         "dev": {"natural_attr": _pooled(nat_dev, [k for k in nat_dev if k != "0"]),
-                "natural_0": _pooled(nat_dev, ["0"]), "na": dev["accuracy"],
+                "natural_0": _pooled(nat_dev, ["0"]), "natural_2+": _pooled(nat_dev, ["2", "3", "4+"]),
+                "na": dev["accuracy"],
                 "na_nounpp": dev["constructions"].get("nounpp", {}).get("accuracy")},
         "test": {"natural": {b: _pooled(nat_test, [b] if b != "2+" else ["2", "3", "4+"]) for b in BUCKETS},
                  "na": test["accuracy"], "na_nounpp": test["constructions"].get("nounpp", {}).get("accuracy"),
@@ -107,6 +131,47 @@ def _evaluate(params, model_dir: Path, summary: dict, work: Path) -> dict:
                  "adv": test["constructions"].get("adv", {}).get("accuracy"),
                  "blimp": test.get("blimp", {}).get("accuracy")},
     }
+
+
+def _run_arm(params, args, name: str, arm: str, core: str, mods: dict, seed: int, work: Path) -> dict:
+    """Train (or reuse) one arm at one seed and evaluate it."""
+    margin, other_number = ARMS[core]
+    arm_params, text_dir = _arm(params, margin, other_number, work, mods.get("stack", 0.0))
+    if core in WIKI_ARMS:
+        arm_params, text_dir = _wiki_text(arm_params, name, work, args.wiki_vocab)
+    arm_params = arm_params.model_copy(  # the attractor weight and the number objective are their arms' alone
+        update={"train": arm_params.train.model_copy(update={
+            "attractor_weight": mods.get("attr", 1.0), "number_loss": mods.get("num", 0.0), "seed": seed,
+            **({"epochs": args.epochs} if args.epochs else {})})})
+    pipeline_text = Path(params.syntax.out if params.syntax.enabled else params.augment.out)
+    if arm_params.train == params.train and text_dir == pipeline_text and not args.retrain \
+            and Path(f"metrics/train_{name}.json").is_file():
+        print(f"[{arm}] the pipeline's models/{name}", flush=True)
+        model_dir, summary = Path("models") / name, json.loads(Path(f"metrics/train_{name}.json").read_text())
+    else:
+        paths = Paths.scratch(arm_params, text_dir / f"train_{name}.txt", work)
+        if not (args.reuse and paths.metrics.is_file() and (paths.model_dir / "model.safetensors").is_file()):
+            print(f"[{arm} seed {seed}] training {name} on {paths.train_text} (agreement_loss "
+                  f"{arm_params.train.agreement_loss})", flush=True)
+            train(arm_params, name, paths, quiet=False)
+        model_dir, summary = paths.model_dir, json.loads(paths.metrics.read_text())
+    work.mkdir(parents=True, exist_ok=True)
+    return {**_evaluate(params, model_dir, summary, work), "text": str(text_dir / f"train_{name}.txt"),
+            "epochs": arm_params.train.epochs}
+
+
+def _mean(runs: list[dict]):
+    """Field-wise mean of the runs' results; an ``[accuracy, n]`` pair keeps its n; text stays the first's."""
+    first = runs[0]
+    if all(r == first for r in runs):
+        return first
+    if isinstance(first, dict):
+        return {k: _mean([r[k] for r in runs]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return [_mean([r[0] for r in runs]), first[1]]
+    if isinstance(first, (int, float)) and not isinstance(first, bool) and all(r is not None for r in runs):
+        return sum(runs) / len(runs)
+    return first
 
 
 def main() -> None:
@@ -120,6 +185,9 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="take the models a previous run left in --work")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for training (0: train.threads)")
     ap.add_argument("--wiki-vocab", type=int, default=24000, help="vocabulary size of the +wiki arms")
+    ap.add_argument("--seeds", default="", help="comma-separated training seeds of every arm (default: train.seed); "
+                    "a model's run-to-run spread is as large as some levers' effects: the table shows each arm's "
+                    "mean over its seeds")
     ap.add_argument("--epochs", type=int, default=0,
                     help="a training budget for every arm, in epochs of its own text (0: train.epochs); the "
                          "learning-rate schedule ends with it")
@@ -127,35 +195,17 @@ def main() -> None:
     params = load_params(args.params)
     if args.threads:  # a speed setting: under a busy CPU one thread avoids OpenMP spin-waits
         params = params.model_copy(update={"train": params.train.model_copy(update={"threads": args.threads})})
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()] or [params.train.seed]
     name, out = args.model, Path(args.out)
     results = {}
     for arm in args.arms.split(","):
-        base, attr, weight = arm.partition("+attr")
-        margin, other_number = ARMS[f"{base}+attr" if attr else arm]
-        work = Path(args.work) / f"{name}_{arm.replace('+', '_')}"
-        arm_params, text_dir = _arm(params, margin, other_number, work)
-        if arm in WIKI_ARMS:
-            arm_params, text_dir = _wiki_text(arm_params, name, work, args.wiki_vocab)
-        arm_params = arm_params.model_copy(  # the attractor weight is the +attr arms' alone
-            update={"train": arm_params.train.model_copy(update={"attractor_weight": float(weight or 4) if attr else 1.0})})
-        if args.epochs:
-            arm_params = arm_params.model_copy(
-                update={"train": arm_params.train.model_copy(update={"epochs": args.epochs})})
-        pipeline_text = Path(params.syntax.out if params.syntax.enabled else params.augment.out)
-        if arm_params.train == params.train and text_dir == pipeline_text and not args.retrain \
-                and Path(f"metrics/train_{name}.json").is_file():
-            print(f"[{arm}] the pipeline's models/{name}", flush=True)
-            model_dir, summary = Path("models") / name, json.loads(Path(f"metrics/train_{name}.json").read_text())
-        else:
-            paths = Paths.scratch(arm_params, text_dir / f"train_{name}.txt", work)
-            if not (args.reuse and paths.metrics.is_file() and (paths.model_dir / "model.safetensors").is_file()):
-                print(f"[{arm}] training {name} on {paths.train_text} (agreement_loss "
-                      f"{arm_params.train.agreement_loss})", flush=True)
-                train(arm_params, name, paths, quiet=False)
-            model_dir, summary = paths.model_dir, json.loads(paths.metrics.read_text())
-        work.mkdir(parents=True, exist_ok=True)
-        results[arm] = {**_evaluate(params, model_dir, summary, work), "text": str(text_dir / f"train_{name}.txt"),
-                        "epochs": arm_params.train.epochs}
+        core, mods = parse_arm(arm)
+        runs = {}
+        for seed in seeds:
+            suffix = "" if seed == params.train.seed else f"_s{seed}"
+            work = Path(args.work) / f"{name}_{arm.replace('+', '_')}{suffix}"
+            runs[seed] = _run_arm(params, args, name, arm, core, mods, seed, work)
+        results[arm] = {**_mean(list(runs.values())), "seeds": {str(k): v for k, v in runs.items()}}
         print(json.dumps({arm: results[arm]}), flush=True)
     _write(results, name, params, out)
 
@@ -175,22 +225,33 @@ def _write(results: dict, name: str, params, out: Path, command: str | None = No
     made = f"Made by `{command}` on {datetime.date.today().isoformat()} at commit {commit}."
     (out / "agreement_levers.json").write_text(json.dumps({"model": name, "arms": results}, indent=2) + "\n")
     epochs = sorted({r.get("epochs", params.train.epochs) for r in results.values()})
+    seeds = sorted({int(k) for r in results.values() for k in r.get("seeds", {})}) or [params.train.seed]
     lines = [made, "", f"The {name} model under each training lever, same corpus, epochs "
-             f"({', '.join(map(str, epochs))}) and seed. "
+             f"({', '.join(map(str, epochs))}) and training seeds ({', '.join(map(str, seeds))}). "
              "**Dev** chose (natural-text dev items with >= 1 attractor, NA dev lexicon); **test** reports "
              "(natural test by attractor count, NA test lexicon). Accuracy in %, n items in brackets.", "",
-             "| arm | valid PPL | tokens seen (M) | train min | tokens/s | dev natural >=1 attr. | dev natural 0 | dev NA nounpp "
+             "| arm | seeds | valid PPL | tokens seen (M) | train min | tokens/s | dev natural >=1 attr. | dev natural 0 | dev 2+ | dev NA nounpp "
              "| test natural 0 | 1 | 2+ | test NA | nounpp | nounpp SP | simple | adv | BLiMP |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm, r in results.items():
         d, t = r["dev"], r["test"]
         nat = " | ".join(f"{_pct(t['natural'][b][0])} ({t['natural'][b][1]})" for b in BUCKETS)
         seen = f"{r['tokens_seen'] / 1e6:.1f}" if r.get("tokens_seen") else "-"
-        lines.append(f"| {arm} | {r['valid_ppl']:.1f} | {seen} | {r['train_seconds'] / 60:.1f} | {r['tokens_per_second'] or '-'} | "
+        tps = f"{r['tokens_per_second']:.0f}" if r.get("tokens_per_second") else "-"
+        lines.append(f"| {arm} | {len(r.get('seeds', {})) or 1} | {r['valid_ppl']:.1f} | {seen} | {r['train_seconds'] / 60:.1f} | {tps} | "
                      f"**{_pct(d['natural_attr'][0])}** ({d['natural_attr'][1]}) | {_pct(d['natural_0'][0])} | "
+                     f"{_pct(d.get('natural_2+', [None])[0])} | "
                      f"{_pct(d['na_nounpp'])} | {nat} | {_pct(t['na'])} | {_pct(t['na_nounpp'])} | "
                      f"{_pct(t['nounpp_SP'])} | {_pct(t['simple'])} | {_pct(t['adv'])} | {_pct(t['blimp'])} |")
-    if any(a in WIKI_ARMS for a in results):
+    if any(len(r.get("seeds", {})) > 1 for r in results.values()):
+        lines += ["", "Each arm's row is its mean over the seeds; per seed (dev only):", "",
+                  "| arm | seed | valid PPL | dev natural >=1 attr. | dev natural 0 | dev 2+ |", "|---|---:|---:|---:|---:|---:|"]
+        for arm, r in results.items():
+            for seed, x in r.get("seeds", {}).items():
+                d = x["dev"]
+                lines.append(f"| {arm} | {seed} | {x['valid_ppl']:.1f} | {_pct(d['natural_attr'][0])} | "
+                             f"{_pct(d['natural_0'][0])} | {_pct(d['natural_2+'][0])} |")
+    if any(parse_arm(a)[0] in WIKI_ARMS for a in results):
         lines += ["", "The +wiki arms have their own vocabulary (`--wiki-vocab` words) and validation split (which "
                   "holds WikiText-2's): their PPL is not comparable with the others', and fewer natural items have an "
                   "out-of-vocabulary verb, so a few more are scored. Training minutes and tokens/s are as each run "

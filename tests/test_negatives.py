@@ -11,7 +11,7 @@ import yaml
 from agreelens.config import ModelConfig, load_params
 from agreelens.corpus import read_split
 from agreelens.model import RNNModel, load_model
-from agreelens.negatives import attractor_flags, find_verb_pairs, margin_loss, swap_table
+from agreelens.negatives import attractor_flags, find_verb_pairs, margin_loss, number_loss, swap_table, verb_numbers
 from agreelens.stimuli import StimuliConfig
 from agreelens.train import train
 from agreelens.vocab import Vocab
@@ -123,6 +123,28 @@ def _mean_verb_margin(project, vocab_pairs) -> float:
         other = swap[y]
         mask = other >= 0
         return model.target_margin(features[mask], y[mask], other[mask]).mean().item()
+
+
+def test_number_loss_is_the_logistic_loss_of_a_hand_set_readout():
+    vocab = Vocab(["<eos>", "<unk>", "is", "are", "the", "knows", "know"])
+    swap = swap_table([("is", "are"), ("knows", "know")], vocab, exclude=["knows"])
+    numbers = verb_numbers(swap, vocab, [("is", "are"), ("knows", "know")])
+    assert numbers.tolist() == [0, 0, 1, -1, 0, 0, 0]  # excluded pairs carry no label
+    head = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor([[1.0, 0.0]]))  # logit of "singular" = feature 0
+        head.bias.zero_()
+    features = torch.tensor([[[2.0, 5.0]], [[-1.0, 3.0]], [[4.0, 0.0]], [[0.0, 0.0]]])  # (T=4, B=1, H=2)
+    targets = torch.tensor([[vocab.index("is")], [vocab.index("is")], [vocab.index("are")], [vocab.index("the")]])
+    sp = torch.nn.functional.softplus
+    # -log sigmoid(2) + -log sigmoid(-1) at the two "is", -log(1 - sigmoid(4)) at "are", over 4 targets
+    expected = (sp(torch.tensor(-2.0)) + sp(torch.tensor(1.0)) + sp(torch.tensor(4.0))) / 4
+    assert number_loss(head, features, targets, numbers).item() == pytest.approx(expected.item())
+    weights = torch.tensor([[1.0], [3.0], [1.0], [9.0]])  # the second "is" counts three times; "the" not at all
+    expected = (sp(torch.tensor(-2.0)) + 3 * sp(torch.tensor(1.0)) + sp(torch.tensor(4.0))) / 4
+    assert number_loss(head, features, targets, numbers, weights).item() == pytest.approx(expected.item())
+    none = torch.full_like(targets, vocab.index("the"))
+    assert number_loss(head, features, none, numbers).item() == 0.0
 
 
 def test_training_with_the_margin_loss_widens_held_out_verb_margins(project):

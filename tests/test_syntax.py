@@ -38,19 +38,38 @@ def test_insertion_puts_an_attractor_between_subject_and_verb_and_keeps_the_verb
         {"k": 2, "sites": [], "mods": [[2, 5, "P", "P", "prep"]]},     # to the cabinets (plural)
         {"k": 3, "sites": [], "mods": [[2, 6, "P", "P", "relcl"]]},    # who watch the games: only after a plural subject
     ]
-    out, stats = synthesize(lines, parsed_recs, SyntaxConfig(other_number=1.0))
+    out, stats = synthesize(lines, parsed_recs, SyntaxConfig(other_number=1.0, stack=0.0))
     assert out == [(0, "the boy to the cabinets likes the girl .")]
     assert stats["synthetic"] == 1 and stats["subject_modifier_numbers"] == {"SP": 1}
     assert stats["modifiers"] == {"P/*": 1, "P/P": 1, "S/*": 1}
-    same, _ = synthesize(lines, parsed_recs, SyntaxConfig(other_number=0.0))
+    same, _ = synthesize(lines, parsed_recs, SyntaxConfig(other_number=0.0, stack=0.0))
     assert same == [(0, "the boy near the house likes the girl .")]  # same-number noun when asked
     # a plural subject may take the relative clause whose verb agrees with a plural head
     recs = [{"k": 0, "sites": [[1, 2, "P"]], "mods": []}, parsed_recs[3]]
-    out, _ = synthesize(["the cats sleep .", *lines[1:]], recs, SyntaxConfig(other_number=0.0))
+    out, _ = synthesize(["the cats sleep .", *lines[1:]], recs, SyntaxConfig(other_number=0.0, stack=0.0))
     assert out == [(0, "the cats who watch the games sleep .")]
     out, _ = synthesize(["the cat sleeps .", *lines[1:]], [{"k": 0, "sites": [[1, 2, "S"]], "mods": []}, parsed_recs[3]],
-                        SyntaxConfig(other_number=1.0))
+                        SyntaxConfig(other_number=1.0, stack=0.0))
     assert out == []  # "the cat who watch the games": never made
+
+
+def test_stacked_insertion_puts_two_phrases_of_the_other_number_between_subject_and_verb():
+    lines = ["the boy likes the girl .", "the keys to the cabinets are here .", "the dogs near the houses bark .",
+             "the men who watch the games are loud ."]
+    recs = [{"k": 0, "sites": [[1, 2, "S"]], "mods": []},
+            {"k": 1, "sites": [], "mods": [[2, 5, "P", "P", "prep"]]},    # to the cabinets
+            {"k": 2, "sites": [], "mods": [[2, 5, "P", "P", "prep"]]},    # near the houses
+            {"k": 3, "sites": [], "mods": [[2, 6, "P", "P", "relcl"]]}]   # a clause is never stacked
+    out, stats = synthesize(lines, recs, SyntaxConfig(other_number=1.0, stack=1.0))
+    assert len(out) == 1 and stats["stacked"] == 1
+    k, text = out[0]
+    assert k == 0 and text in ("the boy to the cabinets near the houses likes the girl .",
+                               "the boy near the houses to the cabinets likes the girl .")
+    assert inserted_length(lines[0].split(), text.split()) == 6  # both phrases, the verb kept
+    # one prepositional phrase of the other number: nothing to stack, no sentence
+    out, stats = synthesize(lines[:2] + lines[3:], [recs[0], recs[1], {**recs[3], "k": 2}],
+                            SyntaxConfig(other_number=1.0, stack=1.0))
+    assert out == [] and stats["stacked"] == 0
 
 
 def test_inserted_length():
