@@ -145,7 +145,7 @@ def _run_arm(params, args, name: str, arm: str, core: str, mods: dict, seed: int
             **({"epochs": args.epochs} if args.epochs else {})})})
     pipeline_text = Path(params.syntax.out if params.syntax.enabled else params.augment.out)
     if arm_params.train == params.train and text_dir == pipeline_text and not args.retrain \
-            and Path(f"metrics/train_{name}.json").is_file():
+            and Path(f"metrics/train_{name}.json").is_file() and _pipeline_current(name):
         print(f"[{arm}] the pipeline's models/{name}", flush=True)
         model_dir, summary = Path("models") / name, json.loads(Path(f"metrics/train_{name}.json").read_text())
     else:
@@ -158,6 +158,19 @@ def _run_arm(params, args, name: str, arm: str, core: str, mods: dict, seed: int
     work.mkdir(parents=True, exist_ok=True)
     return {**_evaluate(params, model_dir, summary, work), "text": str(text_dir / f"train_{name}.txt"),
             "epochs": arm_params.train.epochs}
+
+
+def _pipeline_current(name: str) -> bool:
+    """Whether ``dvc status`` finds the pipeline's ``train_<name>`` stage and those before it up to date with
+    params.yaml and their inputs (else the pipeline's model was trained with other settings: the arm trains)."""
+    import subprocess
+
+    try:
+        r = subprocess.run(["dvc", "status", "--json", "--with-deps", f"train_{name}"], capture_output=True,
+                           text=True, timeout=300)
+        return r.returncode == 0 and json.loads(r.stdout or "{}") == {}
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return False
 
 
 def _mean(runs: list[dict]):
