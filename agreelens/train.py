@@ -149,11 +149,19 @@ def _make_scheduler(opt, params: Params, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def native_cpu_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX). oneDNN also "supports" bf16 on any
+    AVX-512 CPU by emulating it, several times slower than fp32: that does not count here."""
+    cpu = torch.cpu
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(f()) for f in checks if f is not None) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """bf16 mixed precision where the hardware does bf16 natively (CUDA; CPUs with AVX512-BF16/AMX)."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
+    return torch.bfloat16 if native_cpu_bf16() else None
 
 
 class _Step(torch.nn.Module):

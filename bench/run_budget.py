@@ -5,8 +5,8 @@ its output with the wall clock, or reads such stamped logs (``--log``: lines ``H
 script writes them to ``OUT/repro.log``; a later log's stages replace an earlier one's, e.g. a stage rerun
 alone with ``dvc repro --force -s STAGE`` after its code got faster). Minutes per stage come from the ``Running stage '...'`` lines;
 tokens seen and tokens/s of each model from ``metrics/train_<model>.json``. The projection for a slower
-CPU divides the tokens seen by ``--slow-tokens-per-s`` (default: the trainer's fp32 rate measured by
-``bench/train_throughput.py`` with ``train.amp: false``, 10.5 k tokens/s on 2 cores) and keeps every other
+CPU divides the tokens seen by ``--slow-tokens-per-s`` (default: the rate ``bench/cpu_bf16.py`` measures for the
+trainer on a CPU without bf16 hardware, fp32, 11.1 k tokens/s on 2 cores) and keeps every other
 stage's minutes as measured here. Writes ``OUT/run_budget.{json,md}``.
 
     python bench/run_budget.py [--force] [--log repro.log [--log stage.log]] [--out reports/studies/run_budget]
@@ -58,7 +58,7 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="dvc repro --force: every stage")
     ap.add_argument("--log", action="append", help="read these stamped logs instead of running dvc repro")
     ap.add_argument("--out", default="reports/studies/run_budget")
-    ap.add_argument("--slow-tokens-per-s", type=float, default=10500.0)
+    ap.add_argument("--slow-tokens-per-s", type=float, default=11100.0)
     ap.add_argument("--install-min", type=float, default=2.5, help="minutes of `make install` on a fresh clone")
     ap.add_argument("--target-min", type=float, default=30.0)
     args = ap.parse_args()
@@ -108,7 +108,7 @@ def main() -> None:
           f"min ({rates}). A fresh clone adds `make install` (about {args.install_min:g} min).", "",
           "| stage | min |", "|---|---:|", *[f"| {k} | {v:.1f} |" for k, v in stages.items()], "",
           f"On a CPU without bf16 the trainer runs about {args.slow_tokens_per_s / 1000:.1f} k tokens/s "
-          f"(`bench/train_throughput.py` with `train.amp: false`): {tokens / 1e6:.2f} M tokens take "
+          f"(fp32; `bench/cpu_bf16.py`): {tokens / 1e6:.2f} M tokens take "
           f"{slow_train:.1f} min, and `make run` from a fresh clone about **{projected:.1f} min** with the "
           f"other stages as measured here (target: {args.target_min:g} min)."]
     (out / "run_budget.md").write_text("\n".join(md) + "\n")

@@ -10,7 +10,7 @@ from agreelens.augment import run_augment
 from agreelens.syntax import run_augment_syntax
 from agreelens.config import Params, load_params
 from agreelens.corpus import prepare
-from agreelens.train import SentenceStream, batchify, train
+from agreelens.train import SentenceStream, autocast_dtype, batchify, train
 from agreelens.vocab import Vocab
 from tests.conftest import run_cli
 
@@ -118,3 +118,13 @@ def test_resume_after_kill_9_ends_identical_to_uninterrupted(project, tmp_path_f
         return [r[:drop] + r[drop + 1:] for r in rows]
 
     assert curve(clean) == curve(project) and len(curve(project)) > 3
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                                         (False, False, None)])
+def test_cpu_bf16_only_where_the_hardware_has_it(monkeypatch, avx512_bf16, amx, expected):
+    # oneDNN reports bf16 support on every AVX-512 CPU (emulated, slower than fp32): fp32 there
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert autocast_dtype(torch.device("cpu")) is expected
