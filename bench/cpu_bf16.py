@@ -9,7 +9,7 @@ trains the default large model for ``--steps`` updates twice, in fresh processes
 - ours: the precision the trainer picks on such a CPU (fp32);
 - baseline: bf16 autocast wherever oneDNN reports bf16 support (emulated here).
 
-Usage: python bench/cpu_bf16.py [--steps 200]   (needs the pipeline's syntax/train_large.txt and prepared/)
+Usage: python bench/cpu_bf16.py [--steps 200] [--out reports/studies/cpu_bf16.md]   (needs the pipeline's syntax/train_large.txt and prepared/)
 Last line: RESULT cpu_bf16 ratio=<ours/baseline> ours=<tokens/s> baseline=<tokens/s> tokens/s
 """
 
@@ -61,12 +61,26 @@ def run(arm: str, steps: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--out", default="", help="also write the result here (markdown)")
     args = ap.parse_args()
     ours, base = run("ours", args.steps), run("baseline", args.steps)
-    print(f"ours: bf16 {ours['bf16']}, {ours['tokens_per_second']} tokens/s; "
-          f"baseline: bf16 {base['bf16']}, {base['tokens_per_second']} tokens/s ({args.steps} updates each)")
-    print(f"RESULT cpu_bf16 ratio={ours['tokens_per_second'] / base['tokens_per_second']:.2f} "
-          f"ours={ours['tokens_per_second']} baseline={base['tokens_per_second']} tokens/s")
+    lines = [f"ours: bf16 {ours['bf16']}, {ours['tokens_per_second']} tokens/s; "
+             f"baseline: bf16 {base['bf16']}, {base['tokens_per_second']} tokens/s ({args.steps} updates each)",
+             f"RESULT cpu_bf16 ratio={ours['tokens_per_second'] / base['tokens_per_second']:.2f} "
+             f"ours={ours['tokens_per_second']} baseline={base['tokens_per_second']} tokens/s"]
+    print("\n".join(lines))
+    if args.out:
+        import datetime
+
+        sys.path.insert(0, str(ROOT))
+        from agreelens.tracking import git_commit
+
+        head = (f"Made by `python {' '.join(sys.argv)}` on {datetime.date.today().isoformat()} at commit "
+                f"{git_commit()[:7]}, {os.cpu_count()} cores.\n\nThe default large model's trainer on a CPU "
+                "made to look like one with AVX-512 but no bf16 hardware (`ONEDNN_MAX_CPU_ISA=AVX512_CORE`): "
+                "the precision the trainer picks there (ours) against bf16 autocast wherever oneDNN reports "
+                "support (baseline, emulated bf16).\n\n")
+        Path(args.out).write_text(head + "\n\n".join(f"`{x}`" for x in lines) + "\n")
 
 
 if __name__ == "__main__":
