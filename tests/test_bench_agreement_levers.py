@@ -1,18 +1,12 @@
 """bench/agreement_levers.py: arm names with their suffixes, and the mean of an arm over seeds."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_scripts import load_bench
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("agreement_levers", ROOT / "bench" / "agreement_levers.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("agreement_levers")
 
 
 def test_arm_names_and_their_suffixes():

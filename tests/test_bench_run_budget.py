@@ -1,18 +1,12 @@
 """bench/run_budget.py reads minutes per stage off a stamped `dvc repro` log."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.bench_scripts import load_bench
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("run_budget", ROOT / "bench" / "run_budget.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("run_budget")
 
 
 def test_stage_minutes_of_a_stamped_log():
