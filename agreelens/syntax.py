@@ -14,8 +14,9 @@ nearest noun costs a language model nothing. Two stages fix the data, not the mo
     for a seeded sample of sites, a modifier from another sentence is inserted right after the subject
     ("the boy likes ..." -> "the boy *near the cars* likes ..."); the verb keeps its form. The modifier's
     nouns have the other number with probability ``other_number``; a share ``stack`` of the insertions are
-    two prepositional phrases of that number in a row ("the boy *near the cars of the farmers* likes ..."). A clause modifier ("who watch the
-    games") keeps its own verb, so it only goes after a subject of its original head's number. Writes
+    two prepositional phrases of that number in a row ("the boy *near the cars of the farmers* likes ...").
+    A clause modifier ("who watch the games") keeps its own verb, so it only goes after a subject of its
+    original head's number. Writes
     ``<out>/pairs.tsv`` (source<TAB>synthetic) and each model's training text ``<out>/train_<model>.txt``:
     the BERT-augmented text plus the synthetic sentences of its own sources.
 """
