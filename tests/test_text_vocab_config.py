@@ -66,9 +66,9 @@ def test_repository_params_load_every_profile():
     default, long, learner = (load_params(ROOT / "params.yaml", p) for p in ("default", "long", "learner"))
     assert default.data.corpora == [*learner_text, "wikitext2"] and default.train.epochs == 1
     assert default.train.attractor_weight == 4.0
-    assert long.data.corpora == default.data.corpora and long.train.epochs == 2  # only training differs
-    assert long.train.attractor_weight == 1.0
-    assert long.model_copy(update={"train": default.train, "profile": "default"}) == default
+    assert long.data.corpora == default.data.corpora and long.train.epochs == 2  # only training and stacking differ
+    assert long.train.attractor_weight == 1.0 and (long.syntax.stack, default.syntax.stack) == (0.0, 0.5)
+    assert long.model_copy(update={"train": default.train, "syntax": default.syntax, "profile": "default"}) == default
     assert (learner.data.corpora, learner.prepare.max_vocab, learner.train.epochs) == (learner_text, 16000, 4)
     assert learner.train.attractor_weight == 1.0
     assert paper.data.corpora == learner_text
