@@ -61,7 +61,6 @@ def attractor_flags(ids: np.ndarray, vocab: Vocab, pairs: Iterable[tuple[str, st
     closer to the verb is its subject (the boys say *it* works), a word after to/a modal is not finite
     and one after a determiner or preposition is a noun (the end, after work): none of these is marked.
     Nouns are the ``(w, w+s)`` vocabulary pairs that are not verbs of ``pairs``."""
-    singular_verbs = {s for s, _ in pairs}
     verb_words = {w for pair in pairs for w in pair}
     number = np.zeros(len(vocab), dtype=np.int8)  # noun number: 1 singular, -1 plural, 2 a stop
     for sg, pl in morph_pairs(vocab):
@@ -70,10 +69,8 @@ def attractor_flags(ids: np.ndarray, vocab: Vocab, pairs: Iterable[tuple[str, st
     for w in (*SINGULAR_PRONOUNS, *PLURAL_PRONOUNS, "<eos>"):
         if w in vocab:
             number[vocab.index(w)] = 2
-    verb_number = np.zeros(len(vocab), dtype=np.int8)
-    is_verb = swap.numpy() >= 0
-    for i in np.flatnonzero(is_verb):
-        verb_number[i] = 1 if vocab.itos[i] in singular_verbs else -1
+    verb_number = verb_numbers(swap, vocab, pairs).numpy()
+    is_verb = verb_number != 0
     nonfinite = np.zeros(len(vocab), dtype=bool)
     nonfinite[[vocab.index(w) for w in NONFINITE_PREV | NOMINAL_PREV if w in vocab]] = True
     if not len(ids):

@@ -170,7 +170,7 @@ def synthesize(lines: list[str], parsed: list[dict], cfg: SyntaxConfig) -> tuple
                 bank.setdefault(key, []).append(words)
     sites = [(rec["k"], s, v, n) for rec in parsed for s, v, n in rec["sites"]]
     rng.shuffle(sites)
-    used, out, counts = set(), [], Counter()
+    used, out, counts, n_stacked = set(), [], Counter(), 0
     for k, s, v, number in sites:
         if cfg.max_sentences and len(out) >= cfg.max_sentences:
             break
@@ -192,12 +192,11 @@ def synthesize(lines: list[str], parsed: list[dict], cfg: SyntaxConfig) -> tuple
         out.append((k, " ".join(toks[: s + 1] + list(mod) + toks[s + 1:])))
         used.add(k)
         counts[f"{number}{want}"] += 1
-        counts["stacked"] += stacked
-    stacked = counts.pop("stacked", 0)
+        n_stacked += stacked
     stats = {"sites": len(sites), "modifiers": {f"{n}/{h}": len(v) for (n, h), v in sorted(bank.items())},
              "synthetic": len(out), "subject_modifier_numbers": dict(sorted(counts.items()))}
     if cfg.stack:
-        stats["stacked"] = stacked
+        stats["stacked"] = n_stacked
     return out, stats
 
 

@@ -62,9 +62,6 @@ class SentenceStream:
         offsets = np.repeat(self.starts[order] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
         return np.arange(self.tokens) + offsets
 
-    def epoch(self, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
-        return torch.from_numpy(self.ids[self.positions(seed, epoch, shuffle)])
-
 
 def stream_perplexity(model: RNNModel, data: torch.Tensor, bptt: int) -> float:
     """Perplexity of a batchified (T, B) stream with hidden-state carry-over."""
