@@ -92,6 +92,7 @@ class TrainConfig(_Section):
     agreement_loss: float = Field(3.0, ge=0)
     agreement_margin: float = Field(5.0, gt=0)  # nats by which an observed verb must beat its number swap
     attractor_weight: float = Field(4.0, ge=0)  # margin term's weight at verbs whose nearest preceding noun has the other number
+    noun_weight: float = Field(0.0, ge=0)  # margin term's weight at nouns right after a determiner of their number, 0 = off
     # auxiliary subject-number objective (Linzen et al. 2016): a linear readout of the state before each margin-loss
     # verb must tell the verb's number; its logistic loss's weight, 0 = off
     number_loss: float = Field(0.0, ge=0)

@@ -35,6 +35,10 @@ nine ten twenty hundred thousand one another other""".split())
 OPENERS = frozenset("""
 what where when why how who whom which whose there here and but so or then well oh yes no now""".split())
 EXPLETIVES = frozenset({"there", "here"})
+# determiners that fix the number of the noun right after them (1 singular, -1 plural); "that" is left out,
+# being also a conjunction and a relative pronoun ("the book that students read")
+NUMBER_DETERMINERS = {"a": 1, "an": 1, "this": 1, "each": 1, "every": 1, "another": 1,
+                      "these": -1, "those": -1, "many": -1, "several": -1, "both": -1, "few": -1}
 SINGULAR_PRONOUNS = ("he", "she", "it")
 PLURAL_PRONOUNS = ("i", "you", "we", "they")
 ADVERBS = frozenset("""never always often usually sometimes also still just really only even already

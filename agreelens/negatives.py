@@ -20,6 +20,10 @@ needed. ``train.attractor_weight`` multiplies the margin term at those verbs.
 :func:`number_loss` is the auxiliary objective of Linzen et al. (2016) and Enguehard et al. (2017): at the
 same verb tokens, a linear readout of the features that predict the verb must tell the verb's number
 (the subject's), a logistic loss on the state itself rather than on the decoder's two logits.
+
+The same hinge can hold at nouns: :func:`determiner_flags` marks each noun right after a determiner of its
+number ("*these* books", "*a* book"; :data:`agreelens.lexicon.NUMBER_DETERMINERS`), where the observed form
+must beat its swap; ``train.noun_weight`` is the margin term's weight there, and other nouns get none.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from agreelens.lexicon import (AUX_PAIRS, NOMINAL_PREV, NONFINITE_PREV, PLURAL_PRONOUNS, SINGULAR_PRONOUNS,
-                               morph_pairs, verb_evidence)
+from agreelens.lexicon import (AUX_PAIRS, NOMINAL_PREV, NONFINITE_PREV, NUMBER_DETERMINERS, PLURAL_PRONOUNS,
+                               SINGULAR_PRONOUNS, morph_pairs, verb_evidence)
 from agreelens.vocab import Vocab
 
 
@@ -52,6 +56,29 @@ def swap_table(pairs: Iterable[tuple[str, str]], vocab: Vocab, exclude: Iterable
         table[vocab.index(sg)] = vocab.index(pl)
         table[vocab.index(pl)] = vocab.index(sg)
     return table
+
+
+def noun_pairs(vocab: Vocab, verb_pairs: Iterable[tuple[str, str]], exclude: Iterable[str] = ()) -> list[tuple[str, str]]:
+    """(singular, plural) noun pairs: the ``(w, w+s)`` vocabulary pairs (and irregular nouns) with no word of
+    ``verb_pairs`` or ``exclude``."""
+    skip = {w for pair in verb_pairs for w in pair} | set(exclude)
+    return [(sg, pl) for sg, pl in morph_pairs(vocab) if sg not in skip and pl not in skip]
+
+
+def determiner_flags(ids: np.ndarray, vocab: Vocab, nouns: Iterable[tuple[str, str]]) -> np.ndarray:
+    """(N,) bool over the token stream ``ids``: True at each noun of ``nouns`` right after a determiner of its
+    own number ("these books", "a book"; not "these grocery stores" at "grocery")."""
+    number = np.zeros(len(vocab), dtype=np.int8)
+    for sg, pl in nouns:
+        number[vocab.index(sg)], number[vocab.index(pl)] = 1, -1
+    det = np.zeros(len(vocab), dtype=np.int8)
+    for w, n in NUMBER_DETERMINERS.items():
+        if w in vocab:
+            det[vocab.index(w)] = n
+    if len(ids) < 2:
+        return np.zeros(len(ids), dtype=bool)
+    prev = np.concatenate([[0], det[ids[:-1]]])
+    return (number[ids] != 0) & (number[ids] == prev)
 
 
 def attractor_flags(ids: np.ndarray, vocab: Vocab, pairs: Iterable[tuple[str, str]],
@@ -87,10 +114,12 @@ def attractor_flags(ids: np.ndarray, vocab: Vocab, pairs: Iterable[tuple[str, st
 def margin_loss(model, features: torch.Tensor, targets: torch.Tensor, swap: torch.Tensor,
                 delta: float, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over pair-word targets of ``max(0, delta - (log P(target) - log P(swap(target))))``, each times
-    its entry of ``weights`` (same shape as ``targets``; None: 1), divided by the number of targets (so its
+    its entry of ``weights`` (same shape as ``targets``; None: 1; 0 leaves the target out), divided by the number of targets (so its
     scale matches the per-token LM loss)."""
     other = swap[targets]
     mask = other >= 0
+    if weights is not None:
+        mask = mask & (weights > 0)
     if not bool(mask.any()):
         return features.sum() * 0.0  # keeps every parameter in the graph (DDP)
     margins = model.target_margin(features[mask], targets[mask], other[mask])

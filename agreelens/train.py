@@ -25,7 +25,8 @@ from agreelens.config import Params
 from agreelens.corpus import read_split
 from agreelens.distributed import World, wrap
 from agreelens.model import RNNModel, device_of, evaluating, save_model
-from agreelens.negatives import attractor_flags, find_verb_pairs, margin_loss, number_loss, swap_table, verb_numbers
+from agreelens.negatives import (attractor_flags, determiner_flags, find_verb_pairs, margin_loss, noun_pairs, number_loss,
+                                 swap_table, verb_numbers)
 from agreelens.plots import plot_learning_curves
 from agreelens.vocab import Vocab
 
@@ -233,7 +234,7 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
     model = RNNModel(len(vocab), params.model).to(device)
     if world.distributed:  # same initial weights everywhere; dropout masks of their own
         torch.manual_seed(t.seed + 7919 * world.rank)
-    swap, pairs, weights = _agreement_swap(params, vocab, lines, stream, quiet)
+    swap, pairs, weights, counts = _agreement_swap(params, vocab, lines, stream, quiet)
     del lines
     step = _Step(model, swap, t.agreement_loss, t.agreement_margin, t.number_loss,
                  verb_numbers(swap, vocab, pairs) if t.number_loss else None).to(device)
@@ -395,8 +396,7 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
                    "stopped_early": st["stopped_early"], "device": device.type, "profile": params.profile}
         if world.distributed:
             summary["processes"] = world.size
-        if swap is not None:
-            summary["agreement_pairs"] = int((swap >= 0).sum()) // 2
+        summary.update(counts)
         if not world.main:
             return summary
         save_model(model.cpu(), vocab, paths.model_dir, extra={"name": name, "train": summary})
@@ -412,31 +412,47 @@ def _train(params: Params, name: str, paths: Paths | None, quiet: bool, world: W
 
 
 def _agreement_swap(params: Params, vocab: Vocab, lines: list[str], stream: SentenceStream,
-                    quiet: bool) -> tuple[torch.Tensor | None, list[tuple[str, str]], np.ndarray | None]:
+                    quiet: bool) -> tuple[torch.Tensor | None, list[tuple[str, str]], np.ndarray | None, dict]:
     """The number-swap table of the agreement losses over the training ``lines`` (None when neither
     ``train.agreement_loss`` nor ``train.number_loss`` is on), its verb pairs, and the agreement terms' weight
-    at each token of ``stream`` (None unless ``train.attractor_weight`` differs from 1)."""
+    at each token of ``stream`` (None unless ``train.attractor_weight`` differs from 1 or ``train.noun_weight``
+    is on), and counts for the summary. With ``train.noun_weight`` the table also swaps nouns, weighted only
+    right after a determiner."""
     t = params.train
     if not (t.agreement_loss or t.number_loss):
-        return None, [], None
+        return None, [], None, {}
     pairs = find_verb_pairs(lines, vocab)
     exclude = [w for pair in params.stimuli.verbs for w in pair]  # NA-task verbs (dev and test) are never in the loss
     table = swap_table(pairs, vocab, exclude)
     n = int((table >= 0).sum()) // 2
+    counts = {"agreement_pairs": n}
     weights = None
     if t.attractor_weight != 1.0:
         flags = attractor_flags(stream.ids, vocab, pairs, table)
         weights = np.where(flags, np.float32(t.attractor_weight), np.float32(1.0))
+    verbs = int((table.numpy()[stream.ids] >= 0).sum()) if not quiet else 0
+    if t.noun_weight and t.agreement_loss:
+        held = [w for pool in ("nouns", "location_nouns") for e in getattr(params.stimuli, pool) for w in e]
+        nouns = noun_pairs(vocab, pairs, held)  # the NA task's nouns (dev and test) are never in the loss either
+        noun_table = swap_table(nouns, vocab)
+        is_noun = noun_table.numpy()[stream.ids] >= 0
+        at_det = determiner_flags(stream.ids, vocab, nouns)
+        base = weights if weights is not None else np.ones(len(stream.ids), dtype=np.float32)
+        weights = np.where(at_det, np.float32(t.noun_weight), np.where(is_noun, np.float32(0.0), base))
+        table = torch.where(noun_table >= 0, noun_table, table)
+        counts.update(noun_pairs=len(nouns), noun_sites=int(at_det.sum()))
     if not quiet:
         kept = [f"{s}/{p}" for s, p in pairs if table[vocab.index(s)] >= 0]
         losses = " and ".join(x for x, on in (("margin", t.agreement_loss), ("subject-number", t.number_loss)) if on)
         print(f"[train] agreement {losses} loss on {n} verb pairs"
               f" (NA-task verbs held out): {', '.join(kept[:12])}, ...")
-        if weights is not None:
-            verbs = int((table.numpy()[stream.ids] >= 0).sum())
+        if t.attractor_weight != 1.0:
             print(f"[train] weight {t.attractor_weight:g} at {int(flags.sum()):,} of {verbs:,} verb tokens whose "
                   "nearest preceding noun has the other number")
-    return table, pairs, weights
+        if t.noun_weight and t.agreement_loss:
+            print(f"[train] margin weight {t.noun_weight:g} at {int(at_det.sum()):,} noun tokens right after a "
+                  f"determiner of their number ({len(nouns):,} noun pairs, NA-task nouns held out)")
+    return table, pairs, weights, counts
 
 
 def _na_pairs(folder: str, natural: str = "") -> list[dict]:

@@ -14,6 +14,8 @@ Arms of one model size (default ``large``), same corpus, vocabulary, epochs, see
   whose nearest preceding noun has the other number (``train.attractor_weight``);
 - ``...+numN``: any arm with the auxiliary subject-number objective at weight N (default 1;
   ``train.number_loss``): a linear readout of the state before each margin-loss verb must tell its number;
+- ``...+nounN``: any margin arm with the margin term also on nouns right after a determiner of their number
+  ("these books", "a book"), at weight N (default 1; ``train.noun_weight``): determiner-noun agreement;
 - ``...+stackS``: any syntax arm with a share S (default 0.5) of its insertions stacking two prepositional
   modifiers of the other number (``syntax.stack``): two or more attractors;
 - ``margin+syntax+wiki``: ``margin+syntax`` with WikiText-2's training split added to the corpora
@@ -22,7 +24,8 @@ Arms of one model size (default ``large``), same corpus, vocabulary, epochs, see
   WikiText-2's test file, which the natural benchmark's test documents come from: never trained on.
 
 Settings are chosen on **dev** (natural-text dev items with at least one attractor, the NA task's dev
-lexicon); the test columns (natural test by attractor count, the NA task's test lexicon) chose nothing.
+lexicon; for nouns, the checker benchmark's dev sentences with a noun after this/these/those); the test
+columns (natural test by attractor count, the NA task's test lexicon, BLiMP) chose nothing.
 An arm whose settings equal the pipeline's is taken from ``models/<model>`` unless ``--retrain``; the others
 are trained into ``--work`` (``--reuse`` keeps what an earlier run left there). Writes
 ``OUT/agreement_levers.{json,md,png}``.
@@ -48,7 +51,7 @@ from agreelens.train import Paths, train  # noqa: E402
 # arm: (margin loss, syntax-aware text: None = off, else the share of other-number modifiers; 1.0 = the pipeline's)
 ARMS = {"plain": (False, None), "margin": (True, None), "syntax": (False, 1.0), "margin+syntax": (True, 1.0),
         "margin+mixed": (True, 0.5), "margin+syntax+wiki": (True, 1.0)}
-MODIFIERS = {"attr": 4.0, "stack": 0.5, "num": 1.0}  # arm suffixes (+attr4, +stack0.5, +num1) and their defaults
+MODIFIERS = {"attr": 4.0, "stack": 0.5, "num": 1.0, "noun": 1.0}  # arm suffixes (+attr4, +stack0.5, ...), defaults
 WIKI_ARMS = {"margin+syntax+wiki"}
 BUCKETS = ("0", "1", "2+")
 
@@ -76,7 +79,7 @@ def parse_arm(arm: str) -> tuple[str, dict[str, float]]:
     """``"margin+syntax+attr4+stack"`` -> ``("margin+syntax", {"attr": 4.0, "stack": 0.5})``."""
     base, mods = [], {}
     for part in arm.split("+"):
-        m = re.fullmatch(r"(attr|stack|num)([0-9.]*)", part)
+        m = re.fullmatch(r"(attr|stack|num|noun)([0-9.]*)", part)
         if m:
             mods[m[1]] = float(m[2]) if m[2] else MODIFIERS[m[1]]
         else:
@@ -112,6 +115,38 @@ def _pooled(att: dict, keys) -> tuple[float, int]:
     return (sum(g["accuracy"] * g["n"] for g in gs) / n if n else 0.0), n
 
 
+def noun_pairs_of(records: list[dict]) -> list[dict]:
+    """Minimal pairs of the checker benchmark's noun sites (a noun after this/these/those): the sentence up to
+    the noun, the written noun and its number swap."""
+    from agreelens.text import tokenize
+
+    pairs = []
+    for rec in records:
+        toks = tokenize(rec["text"])
+        for e in rec["errors"]:
+            if e["kind"] == "noun":
+                i, prefix = e["position"], " ".join(toks[:e["position"]])
+                pairs.append({"sentence_good": " ".join(toks), "sentence_bad": " ".join([*toks[:i], e["alternate"],
+                              *toks[i + 1:]]), "UID": "noun", "pairID": f"{rec['doc']}/{len(pairs)}",
+                              "one_prefix_prefix": prefix, "one_prefix_word_good": e["word"],
+                              "one_prefix_word_bad": e["alternate"]})
+    return pairs
+
+
+def _dev_nouns(params, model_dir: Path) -> list:
+    """[accuracy, n] on the dev noun pairs (:func:`noun_pairs_of`), [None, 0] without the checker benchmark."""
+    from agreelens.model import default_device, load_model
+    from agreelens.scoring import score_pairs
+
+    path = Path(params.checkbench.out) / "dev.jsonl"
+    if not path.is_file():
+        return [None, 0]
+    pairs = noun_pairs_of([json.loads(x) for x in path.read_text().splitlines() if x.strip()])
+    model, vocab = load_model(model_dir, default_device())
+    r = score_pairs(model, vocab, pairs, batch_size=params.evaluate.batch_size * 4)
+    return [r["accuracy"], r["n"]]
+
+
 def _evaluate(params, model_dir: Path, summary: dict, work: Path) -> dict:
     dev = evaluate_na(params, str(model_dir), stimuli_dir="stimuli/dev", out=work / "na_dev.json")
     test = evaluate_na(params, str(model_dir), stimuli_dir="stimuli", out=work / "na_test.json")
@@ -123,13 +158,17 @@ def _evaluate(params, model_dir: Path, summary: dict, work: Path) -> dict:
         "dev": {"natural_attr": _pooled(nat_dev, [k for k in nat_dev if k != "0"]),
                 "natural_0": _pooled(nat_dev, ["0"]), "natural_2+": _pooled(nat_dev, ["2", "3", "4+"]),
                 "na": dev["accuracy"],
-                "na_nounpp": dev["constructions"].get("nounpp", {}).get("accuracy")},
+                "na_nounpp": dev["constructions"].get("nounpp", {}).get("accuracy"),
+                "nouns": _dev_nouns(params, model_dir)},
         "test": {"natural": {b: _pooled(nat_test, [b] if b != "2+" else ["2", "3", "4+"]) for b in BUCKETS},
                  "na": test["accuracy"], "na_nounpp": test["constructions"].get("nounpp", {}).get("accuracy"),
                  "nounpp_SP": test["groups"].get("nounpp/SP", {}).get("accuracy"),
                  "simple": test["constructions"].get("simple", {}).get("accuracy"),
                  "adv": test["constructions"].get("adv", {}).get("accuracy"),
-                 "blimp": test.get("blimp", {}).get("accuracy")},
+                 "blimp": test.get("blimp", {}).get("accuracy"),
+                 "blimp_det": _pooled(test.get("blimp", {}).get("phenomena", {}),
+                                      [k for k in test.get("blimp", {}).get("phenomena", {})
+                                       if k.startswith("determiner_noun")])},
     }
 
 
@@ -141,7 +180,8 @@ def _run_arm(params, args, name: str, arm: str, core: str, mods: dict, seed: int
         arm_params, text_dir = _wiki_text(arm_params, name, work, args.wiki_vocab)
     arm_params = arm_params.model_copy(  # the attractor weight and the number objective are their arms' alone
         update={"train": arm_params.train.model_copy(update={
-            "attractor_weight": mods.get("attr", 1.0), "number_loss": mods.get("num", 0.0), "seed": seed,
+            "attractor_weight": mods.get("attr", 1.0), "number_loss": mods.get("num", 0.0),
+            "noun_weight": mods.get("noun", 0.0), "seed": seed,
             **({"epochs": args.epochs} if args.epochs else {})})})
     pipeline_text = Path(params.syntax.out if params.syntax.enabled else params.augment.out)
     if arm_params.train == params.train and text_dir == pipeline_text and not args.retrain \
@@ -242,10 +282,12 @@ def _write(results: dict, name: str, params, out: Path, command: str | None = No
     lines = [made, "", f"The {name} model under each training lever, same corpus, epochs "
              f"({', '.join(map(str, epochs))}) and training seeds ({', '.join(map(str, seeds))}). "
              "**Dev** chose (natural-text dev items with >= 1 attractor, NA dev lexicon); **test** reports "
-             "(natural test by attractor count, NA test lexicon). Accuracy in %, n items in brackets.", "",
+             "(natural test by attractor count, NA test lexicon, BLiMP). Dev nouns: a noun after this/these/those in "
+             "the checker benchmark's dev sentences, written form vs its number swap. Accuracy in %, n items in "
+             "brackets.", "",
              "| arm | seeds | valid PPL | tokens seen (M) | train min | tokens/s | dev natural >=1 attr. | dev natural 0 | dev 2+ | dev NA nounpp "
-             "| test natural 0 | 1 | 2+ | test NA | nounpp | nounpp SP | simple | adv | BLiMP |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| dev nouns | test natural 0 | 1 | 2+ | test NA | nounpp | nounpp SP | simple | adv | BLiMP | BLiMP det-noun |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm, r in results.items():
         d, t = r["dev"], r["test"]
         nat = " | ".join(f"{_pct(t['natural'][b][0])} ({t['natural'][b][1]})" for b in BUCKETS)
@@ -254,16 +296,20 @@ def _write(results: dict, name: str, params, out: Path, command: str | None = No
         lines.append(f"| {arm} | {len(r.get('seeds', {})) or 1} | {r['valid_ppl']:.1f} | {seen} | {r['train_seconds'] / 60:.1f} | {tps} | "
                      f"**{_pct(d['natural_attr'][0])}** ({d['natural_attr'][1]}) | {_pct(d['natural_0'][0])} | "
                      f"{_pct(d.get('natural_2+', [None])[0])} | "
-                     f"{_pct(d['na_nounpp'])} | {nat} | {_pct(t['na'])} | {_pct(t['na_nounpp'])} | "
-                     f"{_pct(t['nounpp_SP'])} | {_pct(t['simple'])} | {_pct(t['adv'])} | {_pct(t['blimp'])} |")
+                     f"{_pct(d['na_nounpp'])} | {_pct(d.get('nouns', [None])[0])} ({d.get('nouns', [0, 0])[1]}) | "
+                     f"{nat} | {_pct(t['na'])} | {_pct(t['na_nounpp'])} | "
+                     f"{_pct(t['nounpp_SP'])} | {_pct(t['simple'])} | {_pct(t['adv'])} | {_pct(t['blimp'])} | "
+                     f"{_pct(t.get('blimp_det', [None])[0])} |")
     if any(len(r.get("seeds", {})) > 1 for r in results.values()):
         lines += ["", "Each arm's row is its mean over the seeds; per seed (dev only):", "",
-                  "| arm | seed | valid PPL | dev natural >=1 attr. | dev natural 0 | dev 2+ |", "|---|---:|---:|---:|---:|---:|"]
+                  "| arm | seed | valid PPL | dev natural >=1 attr. | dev natural 0 | dev 2+ | dev nouns |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for arm, r in results.items():
             for seed, x in r.get("seeds", {}).items():
                 d = x["dev"]
                 lines.append(f"| {arm} | {seed} | {x['valid_ppl']:.1f} | {_pct(d['natural_attr'][0])} | "
-                             f"{_pct(d['natural_0'][0])} | {_pct(d['natural_2+'][0])} |")
+                             f"{_pct(d['natural_0'][0])} | {_pct(d['natural_2+'][0])} | "
+                             f"{_pct(d.get('nouns', [None])[0])} |")
     if any(parse_arm(a)[0] in WIKI_ARMS for a in results):
         lines += ["", "The +wiki arms have their own vocabulary (`--wiki-vocab` words) and validation split (which "
                   "holds WikiText-2's): their PPL is not comparable with the others', and fewer natural items have an "

@@ -11,7 +11,8 @@ import yaml
 from agreelens.config import ModelConfig, load_params
 from agreelens.corpus import read_split
 from agreelens.model import RNNModel, load_model
-from agreelens.negatives import attractor_flags, find_verb_pairs, margin_loss, number_loss, swap_table, verb_numbers
+from agreelens.negatives import (attractor_flags, determiner_flags, find_verb_pairs, margin_loss, noun_pairs, number_loss,
+                                 swap_table, verb_numbers)
 from agreelens.stimuli import StimuliConfig
 from agreelens.train import train
 from agreelens.vocab import Vocab
@@ -62,6 +63,26 @@ def test_margin_loss_is_the_hinge_on_hand_set_logits():
     assert margin_loss(model, features, targets, swap, delta=5.0).item() == pytest.approx(7.0 / 3)
     none = torch.full_like(targets, vocab.index("the"))
     assert margin_loss(model, features, none, swap, delta=5.0).item() == 0.0
+    weights = torch.tensor([[0.0], [2.0], [1.0]])  # weight 0 leaves the first target out; the second's hinge is 0
+    assert margin_loss(model, features, targets, swap, delta=5.0, weights=weights).item() == 0.0
+    weights[1, 0] = 0.0
+    weights[0, 0] = 3.0
+    assert margin_loss(model, features, targets, swap, delta=5.0, weights=weights).item() == pytest.approx(21.0 / 3)
+
+
+def test_determiner_flags_mark_nouns_after_a_determiner_of_their_number():
+    vocab = Vocab("<eos> <unk> a an these those that each book books egg eggs store stores grocery is are".split())
+    nouns = noun_pairs(vocab, [("is", "are")])
+    assert set(nouns) == {("book", "books"), ("egg", "eggs"), ("store", "stores")}  # "grocery" has no plural here
+    assert noun_pairs(vocab, [("is", "are")], exclude=["eggs"]) == [("book", "books"), ("store", "stores")]
+    text = ("a book is <eos> these books are <eos> an egg <eos> those eggs <eos> that book <eos> each books "
+            "<eos> these grocery stores <eos> these book stores <eos> books <eos> the books")
+    ids = np.array([vocab.index(w) if w in vocab else vocab.index("<unk>") for w in text.split()])
+    marked = [(text.split()[i - 1], text.split()[i]) for i in np.flatnonzero(determiner_flags(ids, vocab, nouns))]
+    # "that" is not a number determiner (also a conjunction); "each books" disagrees; the first noun of a
+    # compound after a plural determiner is singular ("these book stores") and not marked
+    assert marked == [("a", "book"), ("these", "books"), ("an", "egg"), ("those", "eggs")]
+    assert determiner_flags(ids[:1], vocab, nouns).tolist() == [False]
 
 
 def test_attractor_flags_mark_verbs_after_a_noun_of_the_other_number():

@@ -1,4 +1,5 @@
 import json
+from collections import Counter
 import os
 
 import pytest
@@ -56,13 +57,32 @@ def test_attractor_weights_follow_their_tokens_through_the_shuffle():
         return base.model_copy(update={"train": base.train.model_copy(update={"attractor_weight": w})})
 
     params = weighted(4.0)
-    swap, pairs, weights = _agreement_swap(params, vocab, lines, stream, quiet=True)
+    swap, pairs, weights, counts = _agreement_swap(params, vocab, lines, stream, quiet=True)
+    assert counts == {"agreement_pairs": 2}
     assert pairs == [("is", "are"), ("sings", "sing")] and weights.shape == (stream.tokens,)
     order = stream.positions(7, 1, True)
     ids, w = stream.ids[order], weights[order]
     assert sorted(vocab.itos[i] for i in ids[w == 4.0]) == ["are"] * 5 + ["sings"] * 5
     assert set(w.tolist()) == {1.0, 4.0}
     assert _agreement_swap(weighted(1.0), vocab, lines, stream, quiet=True)[2] is None  # weight 1: no per-token weights
+
+
+def test_noun_weight_puts_the_margin_on_nouns_after_a_determiner_only():
+    from agreelens.train import _agreement_swap
+
+    vocab = Vocab("<eos> <unk> the a these boy boys book books car cars near sings sing he they".split())
+    lines = ["these books near the car sing", "a book sings", "the books sing", "these book cars sing",
+             "these boys sing", "he sings", "they sing"] * 5
+    stream = SentenceStream(vocab, lines)
+    base = Params()
+    params = base.model_copy(update={"train": base.train.model_copy(update={"attractor_weight": 1.0, "noun_weight": 2.0})})
+    swap, pairs, weights, counts = _agreement_swap(params, vocab, lines, stream, quiet=True)
+    assert pairs == [("sings", "sing")] and swap[vocab.index("books")] == vocab.index("book")
+    margin = Counter((vocab.itos[t], float(w)) for t, w in zip(stream.ids, weights) if w and swap[t] >= 0)
+    # "these books" and "a book" carry 2, every verb 1; "the books", "these book cars" (a compound), "the car"
+    # and "these boys" carry nothing (boy/boys and car/cars are NA-task nouns: held out)
+    assert margin == {("books", 2.0): 5, ("book", 2.0): 5, ("sings", 1.0): 10, ("sing", 1.0): 25}
+    assert counts == {"agreement_pairs": 1, "noun_pairs": 1, "noun_sites": 10}
 
 
 def _tiny(project, **train_overrides):
