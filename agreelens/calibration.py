@@ -91,30 +91,43 @@ def blimp_figures(checker: "Checker", pairs: list[dict]) -> dict:
             "pairs_both_right": round(sum(both) / covered, 4)}
 
 
+ASK_LEVELS = (5, 10, 15, 20, 30, 40, 50, 60, 70, 80, 100)  # false-alarm levels of the LM's own scores, per 100
+ALONE_LEVELS = (0.5, 1.0, 1.5, 2.0, 3.0)
+
+
 def _choose_ask(op: OperatingPoint, dev: dict, budget: float, parse_budget: float,
                 slack: float = 1.0) -> tuple[OperatingPoint | None, dict]:
     """The parse rule asked about every site scoring above ``ask_at``, one candidate per false-alarm level
-    of the LM's own scores (5 to 100 per 100 correct sentences): of those within ``budget`` false alarms
-    and ``parse_budget`` parsed sentences per 100 on dev, the one that parses the fewest sentences while
-    catching within ``slack`` per 100 of the most. Returns the point (None: none within budget) and its dev
-    row with every level's figures."""
+    of the LM's own scores (:data:`ASK_LEVELS` per 100 correct sentences), each with the LM's error standing
+    where the rule has no verdict everywhere above the error threshold or only above ``alone_at`` (the LM's
+    score at :data:`ALONE_LEVELS`): of those within ``budget`` false alarms and ``parse_budget`` parsed
+    sentences per 100 on dev, the one that parses the fewest sentences while catching within ``slack`` per
+    100 of the most. Returns the point (None: none within budget) and its dev row with every candidate's
+    figures."""
     from agreelens import checkbench
     from agreelens.verdicts import threshold_for_budget
 
     s_ok = checkbench.scores(op, dev["ok"])
     free = s_ok.abs() < 1e5
+    at = lambda level: threshold_for_budget(s_ok[free], dev["ok"]["sentence"][free], dev["n_sentences"], level)  # noqa: E731
+    alones = [(None, None)] + [(lv, at(lv)) for lv in ALONE_LEVELS]
     levels = []
-    for level in (5, 10, 15, 20, 30, 40, 60, 80, 100):
-        ask = threshold_for_budget(s_ok[free], dev["ok"]["sentence"][free], dev["n_sentences"], level)
-        cand = OperatingPoint(op.evidence + "+parser", op.weights, op.error_at, op.unsure_at, {}, ask)
-        f = checkbench.figures(cand, dev)["all"]
-        levels.append((cand, {"level": level, "ask_at": round(ask, 4), **{k: f[k] for k in (
-            "false_alarms_per_100", "caught_per_100", "parsed_per_100")}}))
+    for level in ASK_LEVELS:
+        ask = at(level)
+        for alone_level, alone in alones:
+            if alone is not None and alone <= op.error_at:
+                continue  # no stricter than the error threshold itself
+            cand = OperatingPoint(op.evidence + "+parser", op.weights, op.error_at, op.unsure_at, {}, ask, alone)
+            f = checkbench.figures(cand, dev)["all"]
+            levels.append((cand, {"level": level, "ask_at": round(ask, 4), "alone_level": alone_level,
+                                  "alone_at": None if alone is None else round(alone, 4), **{k: f[k] for k in (
+                                      "false_alarms_per_100", "caught_per_100", "parsed_per_100")}}))
     ok = [(c, r) for c, r in levels if r["false_alarms_per_100"] <= budget and r["parsed_per_100"] <= parse_budget]
     if not ok:
         return None, {"false_alarms_per_100": None, "caught_per_100": 0.0, "levels": [r for _, r in levels]}
     top = max(r["caught_per_100"] for _, r in ok)
-    best, row = min(((c, r) for c, r in ok if r["caught_per_100"] >= top - slack), key=lambda cr: cr[1]["parsed_per_100"])
+    best, row = min(((c, r) for c, r in ok if r["caught_per_100"] >= top - slack),
+                    key=lambda cr: (cr[1]["parsed_per_100"], -cr[1]["caught_per_100"]))
     return best, {**row, "levels": [r for _, r in levels]}
 
 
@@ -166,7 +179,8 @@ def run_calibrate(params, name: str, root: str | Path = ".", out: str | Path | N
                                                svc.false_alarm_budget, svc.unsure_budget, evidences, fixed)
     op = op_lm
     if nlp is not None:
-        op_rule, candidates[f"{op_lm.evidence}+parser"] = _choose_ask(op_lm, dev, svc.false_alarm_budget, svc.parse_budget)
+        op_rule, candidates[f"{op_lm.evidence}+parser"] = _choose_ask(op_lm, dev, svc.false_alarm_budget, svc.parse_budget,
+                                                                      svc.parse_slack)
         if op_rule is not None and candidates[f"{op_lm.evidence}+parser"]["caught_per_100"] > \
                 candidates[op_lm.evidence]["caught_per_100"]:
             op = op_rule

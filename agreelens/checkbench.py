@@ -194,14 +194,20 @@ def scores(op, part: dict) -> torch.Tensor:
 
 def verdict_codes(op, part: dict) -> torch.Tensor:
     """Per site: 2 error, 1 unsure, 0 ok at ``op`` (the parse rule's verdicts in ``part["rule"]`` decide the
-    sites it is asked about, where ``op`` asks)."""
+    sites it is asked about, where ``op`` asks; where it has none, the LM's error is unsure up to
+    ``op.alone_at``)."""
     s = scores(op, part)
     codes = torch.where(s > op.error_at, 2, torch.where(s > (op.unsure_at if op.unsure_at is not None
                                                                       else op.error_at), 1, 0))
     if op.ask_at is not None:
         for k, v in enumerate(part.get("rule") or []):
-            if v is not None and abs(float(s[k])) < 1e5 and float(s[k]) > op.ask_at:
+            x = float(s[k])
+            if abs(x) >= 1e5 or x <= op.ask_at:
+                continue
+            if v in (0, 1):
                 codes[k] = 2 if v else 0
+            elif op.alone_at is not None and codes[k] == 2 and x <= op.alone_at:
+                codes[k] = 1
     return codes
 
 

@@ -38,7 +38,7 @@ from agreelens.sites import (  # noqa: F401  (re-exported: the checker's site AP
     KINDS, Lexicon, Site, _match_case, build_lexicon, find_sites, lm_verbs, token_spans,
 )
 from agreelens.text import split_sentences, tokenize
-from agreelens.verdicts import OperatingPoint, Readout, fit_readout, site_evidence
+from agreelens.verdicts import NO_VERDICT, OperatingPoint, Readout, fit_readout, site_evidence
 from agreelens.vocab import Vocab
 
 log = logging.getLogger("agreelens.checker")
@@ -146,7 +146,7 @@ class Checker:
         if self.op.uses_readout and site.kind in ("aux", "verb"):
             ev["readout"] = round(readout, 4)  # log-odds that the subject has the written form's number
         if rule is not None:
-            ev["parse_rule"] = "error" if rule else "correct"
+            ev["parse_rule"] = {1: "error", 0: "correct"}.get(rule, "no verdict")
         return {"verdict": verdict, "confidence": None if conf is None else round(conf, 4), "evidence": ev}
 
     def _parse(self, flat: list[dict], which: list[int]) -> Future:
@@ -171,7 +171,8 @@ class Checker:
     def _rule_verdicts(self, flat: list[dict], keys: list[tuple[int, Site]], margins: list[float],
                        reads: list[float], ahead: Future | None = None) -> list[int | None]:
         """The parse rule's verdict at each site the operating point asks it about (one parse per
-        sentence holding such a site; ``ahead``: the parses :meth:`_parse_ahead` started), else None."""
+        sentence holding such a site; ``ahead``: the parses :meth:`_parse_ahead` started; :data:`NO_VERDICT`
+        where it has none), else None."""
         out: list[int | None] = [None] * len(keys)
         if self.parser is None or self.op.ask_at is None:
             return out
@@ -188,7 +189,7 @@ class Checker:
         parsed = (ahead if ahead is not None else self._parse(flat, list(jobs))).result()
         for i, ks in jobs.items():
             for k, v in zip(ks, verdicts_at(parsed[i], [(keys[k][1].position, keys[k][1].kind) for k in ks])):
-                out[k] = v
+                out[k] = NO_VERDICT if v is None else v
         return out
 
     def _verdict_at(self, site: dict, margin: float) -> str:

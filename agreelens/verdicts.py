@@ -19,6 +19,10 @@ sites), ``error`` above ``error_at``, ``unsure`` above ``unsure_at`` (shown as s
 error), else ``ok``. The thresholds are chosen on a dev set for a false-alarm budget per 100 correct
 sentences (:func:`choose_operating_point`). A site whose subject the words alone decide (``quantified``,
 ``coordinated``) is judged by that subject's number.
+
+With a parser, a site scoring above ``ask_at`` gets the parse rule's verdict; where the rule has none
+(:data:`NO_VERDICT`: no subject found, a verb tagged as a noun), the LM's error stands only above
+``alone_at`` and is ``unsure`` below it: the parser's silence is weak evidence that the sentence is unusual.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from agreelens.model import device_of, evaluating
 from agreelens.vocab import Vocab
 
 EVIDENCE = ("margin", "margin+readout")
+NO_VERDICT = -1  # the parse rule was asked about a site and had no verdict
 
 
 # ---------------------------------------------------------------------------------------- readout
@@ -211,6 +216,7 @@ class OperatingPoint:
     unsure_at: float | None = None
     expected: dict = field(default_factory=dict)  # false alarms / catches measured on a held-out set
     ask_at: float | None = None  # with a parser: a site scoring above this gets the parse rule's verdict
+    alone_at: float | None = None  # ... and where the rule has none, an error only above this (else unsure)
 
     @classmethod
     def from_threshold(cls, threshold: float, scale: float = 1.0) -> "OperatingPoint":
@@ -239,11 +245,14 @@ class OperatingPoint:
 
     def verdict(self, score: float, rule: int | None = None) -> tuple[str, float | None]:
         """``(verdict, confidence)``: confidence is the score's probability of the verdict's side; a site
-        the parse rule decides (``rule``: 1 error, 0 correct, None no verdict) has none."""
-        if rule is not None and self.asks(score):
+        the parse rule decides (``rule``: 1 error, 0 correct, :data:`NO_VERDICT` asked without a verdict,
+        None not asked) has none."""
+        if rule in (0, 1) and self.asks(score):
             return ("error" if rule else "ok"), None
         p = 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, score))))
         if score > self.error_at:
+            if rule == NO_VERDICT and self.alone_at is not None and score <= self.alone_at and self.asks(score):
+                return "unsure", p
             return "error", p
         if self.unsure_at is not None and score > self.unsure_at:
             return "unsure", p
@@ -260,13 +269,13 @@ class OperatingPoint:
         r = lambda x: None if x is None else round(float(x), 6)  # noqa: E731
         return {"evidence": self.evidence, "weights": {k: [r(x) for x in w] for k, w in self.weights.items()},
                 "error_at": r(self.error_at), "unsure_at": r(self.unsure_at), "ask_at": r(self.ask_at),
-                "expected": self.expected}
+                "alone_at": r(self.alone_at), "expected": self.expected}
 
     @classmethod
     def from_dict(cls, d: dict) -> "OperatingPoint":
         opt = lambda k: None if d.get(k) is None else float(d[k])  # noqa: E731
         return cls(d.get("evidence", "margin"), {k: [float(x) for x in w] for k, w in d["weights"].items()},
-                   float(d["error_at"]), opt("unsure_at"), d.get("expected", {}), opt("ask_at"))
+                   float(d["error_at"]), opt("unsure_at"), d.get("expected", {}), opt("ask_at"), opt("alone_at"))
 
 
 def rates(flags: torch.Tensor, sentence_of: torch.Tensor, n_sentences: int) -> float:

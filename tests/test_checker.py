@@ -16,7 +16,7 @@ from agreelens.calibration import blimp_examples, blimp_figures
 from agreelens.checker import (Checker, InputError, Lexicon, find_sites,
                                load_checker, morph_pairs, token_spans, validate_pairs, validate_text,
                                verb_evidence)
-from agreelens.verdicts import OperatingPoint, choose_operating_point, rates, threshold_for_budget
+from agreelens.verdicts import NO_VERDICT, OperatingPoint, choose_operating_point, rates, threshold_for_budget
 from agreelens.config import ModelConfig
 from agreelens.model import RNNModel, save_model
 from agreelens.scoring import pair_margins, score_pairs
@@ -510,6 +510,39 @@ def test_hybrid_asks_the_parse_rule_only_above_ask_at(nlp, vocab, lexicon):
     above = OperatingPoint("margin+parser", {"*": [-1.0, 0.0, 0.0]}, error_at=10.0, ask_at=0.0)
     (site,) = Checker(model, vocab, lexicon, op=above, parser=nlp).check(text)["sentences"][0]["sites"]
     assert (site["verdict"], site["evidence"]["decided_by"]) == ("ok", "margin") and "parse_rule" not in site["evidence"]
+
+
+def test_alone_at_leaves_the_lm_error_unsure_where_the_rule_has_no_verdict(nlp, vocab, lexicon, monkeypatch):
+    import agreelens.parserule as parserule
+
+    model = agreement_bigram(vocab)  # 'cars likes' reads as an error to it: margin -3, score +3
+    text = "The boy near the cars likes the girl."
+    monkeypatch.setattr(parserule, "verdicts_at", lambda parsed, at: [None] * len(at))  # the rule is silent
+
+    def site(alone_at):
+        op = OperatingPoint("margin+parser", {"*": [-1.0, 0.0, 0.0]}, error_at=0.0, ask_at=-10.0, alone_at=alone_at)
+        (s,) = Checker(model, vocab, lexicon, op=op, parser=nlp).check(text)["sentences"][0]["sites"]
+        return s["verdict"], s["evidence"]["decided_by"], s["evidence"]["parse_rule"]
+
+    assert site(5.0) == ("unsure", "margin", "no verdict")  # score 3 is above error_at, not above alone_at
+    assert site(2.0) == ("error", "margin", "no verdict")
+    assert site(None) == ("error", "margin", "no verdict")
+
+
+def test_verdict_codes_follow_the_rule_and_alone_at_on_hand_set_scores():
+    from agreelens.sites import Site
+
+    op = OperatingPoint("margin+parser", {"*": [-1.0, 0.0, 0.0]}, error_at=1.0, unsure_at=0.5, ask_at=-1.0, alone_at=3.0)
+    margins = torch.tensor([-5.0, -2.0, -0.7, -5.0, 0.0, 2.0])  # scores 5, 2, 0.7, 5, 0, -2
+    rules = [None, None, None, 0, 1, 1]  # no verdict x3, correct, error, error
+    part = {"margin": margins, "readout": torch.zeros(6), "rule": rules,
+            "meta": [{"site": Site(1, "likes", "like", "verb", "singular")} for _ in range(6)]}
+    # above alone_at: error; between error_at and alone_at without a verdict: unsure; the unsure band as
+    # before; the rule decides at 5 and 0 (asked); at -2 (not asked) its "error" is never read
+    assert checkbench.verdict_codes(op, part).tolist() == [2, 1, 1, 0, 2, 0]
+    assert op.verdict(2.0, NO_VERDICT)[0] == "unsure" and op.verdict(2.0)[0] == "error"
+    assert op.verdict(4.0, NO_VERDICT)[0] == "error" and op.verdict(2.0, 0) == ("ok", None)
+    assert OperatingPoint.from_dict(op.to_dict()) == op
 
 
 def test_parse_ahead_gives_the_same_answers_from_the_parse_thread(nlp, vocab, lexicon, monkeypatch):
