@@ -165,7 +165,8 @@ def run_calibrate(params, name: str, root: str | Path = ".", out: str | Path | N
         nlp = load_parser()
         if nlp is None:
             log.warning("spaCy's en_core_web_sm is not installed: no parse-rule operating point")
-    dev = checkbench.examples(checker, checkbench.read(bench / "dev.jsonl"), nlp)
+    cores = params.train.threads or os.cpu_count() or 1  # the parser's processes, once the LM is done
+    dev = checkbench.examples(checker, checkbench.read(bench / "dev.jsonl"), nlp, cores)
     ok = {"margin": dev["ok"]["margin"], "readout": dev["ok"]["readout"],
           "kind": [m["site"].kind for m in dev["ok"]["meta"]]}
     fixed = torch.tensor([math.nan if m["site"].subject_number is None else
@@ -184,7 +185,8 @@ def run_calibrate(params, name: str, root: str | Path = ".", out: str | Path | N
         if op_rule is not None and candidates[f"{op_lm.evidence}+parser"]["caught_per_100"] > \
                 candidates[op_lm.evidence]["caught_per_100"]:
             op = op_rule
-    test_ex = checkbench.examples(checker, checkbench.read(bench / "test.jsonl"), nlp if op.ask_at is not None else None)
+    test_ex = checkbench.examples(checker, checkbench.read(bench / "test.jsonl"), nlp if op.ask_at is not None else None,
+                                  cores)
     blimp_dir = root / params.data.root / "blimp"
     blimp_pairs = read_pairs(sorted(blimp_dir.glob("*.jsonl"))) if blimp_dir.is_dir() else []
     result = {"model": tag, "threshold": op.margin_threshold(), "false_alarm_budget": svc.false_alarm_budget,

@@ -121,11 +121,11 @@ def read(path: str | Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------- evaluation
 
 
-def examples(checker, records: list[dict], nlp=None) -> dict:
+def examples(checker, records: list[dict], nlp=None, processes: int = 1) -> dict:
     """Evidence of every site the checker finds in the correct sentences (``ok``) and of the site it finds
     at each swapped position (``err``; an error whose position holds no site is missed whatever the
     threshold). One :func:`site_evidence` call over both; with ``nlp`` (spaCy), also the parse rule's
-    verdict at every site (``rule``: 1 error, 0 correct, None)."""
+    verdict at every site (``rule``: 1 error, 0 correct, None), parsed in ``processes`` processes."""
     from agreelens.verdicts import site_evidence
 
     sents, sites, ok_meta, err_meta = [], [], [], []
@@ -170,7 +170,7 @@ def examples(checker, records: list[dict], nlp=None) -> dict:
                 jobs[s_i] = (words, [])
             jobs[s_i][1].append((site.position, site.kind, k))
         order = list(jobs)
-        verdicts = rule_verdicts(nlp, [(jobs[i][0], [(p, kd) for p, kd, _ in jobs[i][1]]) for i in order])
+        verdicts = rule_verdicts(nlp, [(jobs[i][0], [(p, kd) for p, kd, _ in jobs[i][1]]) for i in order], processes)
         for i, vs in zip(order, verdicts):
             for (_, _, k), v in zip(jobs[i][1], vs):
                 rule[k] = v

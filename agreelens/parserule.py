@@ -145,8 +145,29 @@ def verdicts_at(parsed: tuple[object, list[int]], at: list[tuple[int, str]]) -> 
     return [baseline_verdict(doc, first[p], kind) for p, kind in at]
 
 
-def rule_verdicts(nlp, jobs: list[tuple[list[str], list[tuple[int, str]]]]) -> list[list[int | None]]:
-    """The rule at each ``(position, kind)`` of each job's cased words (one parse per job)."""
+PARSE_CHUNK = 16 * 256  # sentences per worker task: whole parser batches, so each meets the same batch
+_WORKER_NLP = None  # a parse worker's parser, loaded once per process
+
+
+def _worker_verdicts(jobs: list) -> list[list[int | None]]:
+    global _WORKER_NLP
+    if _WORKER_NLP is None:
+        _WORKER_NLP = load()
+    return rule_verdicts(_WORKER_NLP, jobs)
+
+
+def rule_verdicts(nlp, jobs: list[tuple[list[str], list[tuple[int, str]]]],
+                  processes: int = 1, chunk: int = PARSE_CHUNK) -> list[list[int | None]]:
+    """The rule at each ``(position, kind)`` of each job's cased words (one parse per job). With
+    ``processes`` > 1 and more than ``chunk`` jobs, worker processes (each loading :func:`load`'s
+    pipeline) parse chunks of ``chunk`` jobs: the same verdicts, about ``processes`` times sooner."""
+    if processes > 1 and len(jobs) > chunk:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        chunks = [jobs[i:i + chunk] for i in range(0, len(jobs), chunk)]
+        with ProcessPoolExecutor(min(processes, len(chunks)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            return [v for part in pool.map(_worker_verdicts, chunks) for v in part]
     return [verdicts_at(d, at) for (_, at), d in zip(jobs, parse(nlp, [w for w, _ in jobs]))]
 
 

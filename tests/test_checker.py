@@ -497,6 +497,7 @@ def test_parse_rule_on_hand_written_sentences(nlp):
             ("I like these car .".split(), [(3, "noun")]),
             ("The dogs are red .".split(), [(2, "aux")])]
     assert [v[0] for v in rule_verdicts(nlp, jobs)] == [1, 0, 1, 1, 0]
+    assert rule_verdicts(nlp, jobs, processes=2, chunk=2) == rule_verdicts(nlp, jobs)  # worker processes, same order
 
 
 def test_hybrid_asks_the_parse_rule_only_above_ask_at(nlp, vocab, lexicon):
