@@ -65,6 +65,7 @@ class ModelConfig(_Section):
     softmax: Literal["full", "adaptive"] = "adaptive"
     cutoffs: list[int] = [2000, 6000]
     div_value: float = 4.0
+    lstm_bias: float | None = None  # every LSTM gate bias starts at this value; None: torch's random uniform
 
 
 class TrainConfig(_Section):

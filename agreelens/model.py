@@ -58,6 +58,11 @@ class RNNModel(nn.Module):
         if isinstance(self.decoder, nn.Linear):
             nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
             nn.init.zeros_(self.decoder.bias)
+        if self.cfg.lstm_bias is not None:  # after the weights' draws: the weights are those of torch's init
+            with torch.no_grad():
+                for layer in range(self.cfg.layers):
+                    getattr(self.rnn, f"bias_ih_l{layer}").fill_(self.cfg.lstm_bias / 2)
+                    getattr(self.rnn, f"bias_hh_l{layer}").fill_(self.cfg.lstm_bias / 2)
 
     def init_hidden(self, batch_size: int) -> Hidden:
         w = next(self.parameters())

@@ -16,6 +16,8 @@ Arms of one model size (default ``large``), same corpus, vocabulary, epochs, see
   ``train.number_loss``): a linear readout of the state before each margin-loss verb must tell its number;
 - ``...+nounN``: any margin arm with the margin term also on nouns right after a determiner of their number
   ("these books", "a book"), at weight N (default 1; ``train.noun_weight``): determiner-noun agreement;
+- ``...+biasB``: any arm with every LSTM gate bias starting at B (default 0; ``model.lstm_bias``) instead of
+  torch's random uniform init;
 - ``...+stackS``: any syntax arm with a share S (default 0.5) of its insertions stacking two prepositional
   modifiers of the other number (``syntax.stack``): two or more attractors;
 - ``margin+syntax+wiki``: ``margin+syntax`` with WikiText-2's training split added to the corpora
@@ -51,7 +53,7 @@ from agreelens.train import Paths, train  # noqa: E402
 # arm: (margin loss, syntax-aware text: None = off, else the share of other-number modifiers; 1.0 = the pipeline's)
 ARMS = {"plain": (False, None), "margin": (True, None), "syntax": (False, 1.0), "margin+syntax": (True, 1.0),
         "margin+mixed": (True, 0.5), "margin+syntax+wiki": (True, 1.0)}
-MODIFIERS = {"attr": 4.0, "stack": 0.5, "num": 1.0, "noun": 1.0}  # arm suffixes (+attr4, +stack0.5, ...), defaults
+MODIFIERS = {"attr": 4.0, "stack": 0.5, "num": 1.0, "noun": 1.0, "bias": 0.0}  # arm suffixes (+attr4, +stack0.5, ...), defaults
 WIKI_ARMS = {"margin+syntax+wiki"}
 BUCKETS = ("0", "1", "2+")
 
@@ -79,7 +81,7 @@ def parse_arm(arm: str) -> tuple[str, dict[str, float]]:
     """``"margin+syntax+attr4+stack"`` -> ``("margin+syntax", {"attr": 4.0, "stack": 0.5})``."""
     base, mods = [], {}
     for part in arm.split("+"):
-        m = re.fullmatch(r"(attr|stack|num|noun)([0-9.]*)", part)
+        m = re.fullmatch(r"(attr|stack|num|noun|bias)([0-9.]*)", part)
         if m:
             mods[m[1]] = float(m[2]) if m[2] else MODIFIERS[m[1]]
         else:
@@ -182,9 +184,11 @@ def _run_arm(params, args, name: str, arm: str, core: str, mods: dict, seed: int
         update={"train": arm_params.train.model_copy(update={
             "attractor_weight": mods.get("attr", 1.0), "number_loss": mods.get("num", 0.0),
             "noun_weight": mods.get("noun", 0.0), "seed": seed,
-            **({"epochs": args.epochs} if args.epochs else {})})})
+            **({"epochs": args.epochs} if args.epochs else {})}),
+        "model": arm_params.model.model_copy(update={"lstm_bias": mods.get("bias", params.model.lstm_bias)})})
     pipeline_text = Path(params.syntax.out if params.syntax.enabled else params.augment.out)
-    if arm_params.train == params.train and text_dir == pipeline_text and not args.retrain \
+    if arm_params.train == params.train and arm_params.model == params.model and text_dir == pipeline_text \
+            and not args.retrain \
             and Path(f"metrics/train_{name}.json").is_file() and _pipeline_current(name):
         print(f"[{arm}] the pipeline's models/{name}", flush=True)
         model_dir, summary = Path("models") / name, json.loads(Path(f"metrics/train_{name}.json").read_text())

@@ -83,3 +83,22 @@ def test_device_of():
     assert device_of(holder) == torch.device("cpu")  # neither parameters nor buffers
     holder.register_buffer("table", torch.zeros(2, device="meta"))
     assert device_of(holder) == torch.device("meta")  # a buffer-only model: the buffer's device
+
+
+def test_lstm_bias_sets_every_gate_bias_and_keeps_the_drawn_weights():
+    cfg = ModelConfig(emb_size=8, hidden_size=6, layers=2, dropout=0.0, softmax="full")
+    torch.manual_seed(0)
+    drawn = RNNModel(50, cfg)
+    torch.manual_seed(0)
+    zero = RNNModel(50, cfg.model_copy(update={"lstm_bias": 0.0}))
+    one = RNNModel(50, cfg.model_copy(update={"lstm_bias": 1.0}))
+    biases = dict(zero.rnn.named_parameters())
+    for name, p in drawn.rnn.named_parameters():
+        if name.startswith("bias"):
+            assert p.abs().min() > 0 and torch.equal(biases[name], torch.zeros(24))  # 4 gates x 6 units
+        else:
+            assert torch.equal(p, biases[name])  # the same draws: only the biases differ
+    assert torch.equal(drawn.encoder.weight, zero.encoder.weight)
+    for layer in range(2):
+        total = getattr(one.rnn, f"bias_ih_l{layer}") + getattr(one.rnn, f"bias_hh_l{layer}")
+        assert torch.equal(total, torch.ones(24))
