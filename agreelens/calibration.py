@@ -96,7 +96,7 @@ ALONE_LEVELS = (0.5, 1.0, 1.5, 2.0, 3.0)
 
 
 def _choose_ask(op: OperatingPoint, dev: dict, budget: float, parse_budget: float,
-                slack: float = 1.0) -> tuple[OperatingPoint | None, dict]:
+                slack: float = 0.25) -> tuple[OperatingPoint | None, dict]:
     """The parse rule asked about every site scoring above ``ask_at``, one candidate per false-alarm level
     of the LM's own scores (:data:`ASK_LEVELS` per 100 correct sentences), each with the LM's error standing
     where the rule has no verdict everywhere above the error threshold or only above ``alone_at`` (the LM's

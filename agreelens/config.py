@@ -65,7 +65,7 @@ class ModelConfig(_Section):
     softmax: Literal["full", "adaptive"] = "adaptive"
     cutoffs: list[int] = [2000, 6000]
     div_value: float = 4.0
-    lstm_bias: float | None = None  # every LSTM gate bias starts at this value; None: torch's random uniform
+    lstm_bias: float | None = 0.0  # every LSTM gate bias starts at this value; None: torch's random uniform
 
 
 class TrainConfig(_Section):
@@ -174,7 +174,7 @@ class ServiceConfig(_Section):
     unsure_budget: float = Field(12.0, ge=0, le=100)  # ... flagged "unsure" or worse per 100 correct dev sentences
     parser: bool = True  # `calibrate` measures, and the checker uses where calibrated, the spaCy parse rule
     parse_budget: float = Field(100.0, ge=0, le=100)  # ... on at most this many correct dev sentences in 100
-    parse_slack: float = Field(1.0, ge=0)  # ... giving up at most this many catches per 100 to parse fewer sentences
+    parse_slack: float = Field(0.25, ge=0)  # ... giving up at most this many catches per 100 to parse fewer sentences
     parse_ahead: int = Field(4, ge=0)  # requests of <= this many sentences: parse and LM side by side
     readout_per_condition: int = Field(30, ge=2)  # NA pairs per condition for the explanation's readout
 

@@ -49,6 +49,7 @@ class NaturalConfig(BaseModel):
     max_sentences: int = Field(0, ge=0)  # per source (0 = all)
     max_tokens: int = Field(60, ge=4)  # longer sentences are skipped
     batch_size: int = Field(256, ge=1)  # sentences per parser batch
+    processes: int = Field(0, ge=0)  # parse workers (0 = all cores), each given whole batches: the same items
 
 
 def bucket(n: int) -> str:
@@ -213,6 +214,18 @@ def items_of_sentence(sent) -> list[dict]:
     return out
 
 
+_NLP = None  # a parse worker's parser, loaded once per process
+
+
+def _parse_items(job: tuple[list[str], int]) -> list[list[dict]]:
+    """The benchmark items of each sentence of a chunk (a parse worker's task; see :func:`build`)."""
+    global _NLP
+    sentences, batch_size = job
+    if _NLP is None:
+        _NLP = load_parser()
+    return [items_of_sentence(doc[:]) for doc in _NLP.pipe(sentences, batch_size=batch_size)]
+
+
 def load_parser():
     """spaCy's ``en_core_web_sm`` without its named-entity recognizer."""
     try:
@@ -249,21 +262,36 @@ def build(params, out: str | Path | None = None, train_files=(), metrics_path="m
                 continue
             per_source[source] += 1
             jobs.append((source, doc, s))
-    nlp = load_parser()
     t0 = time.time()
     splits: dict[str, list[dict]] = {"dev": [], "test": []}
     n_docs = Counter()
-    bar = tqdm(total=len(jobs), unit="sent", desc="parse held-out text", disable=not progress, mininterval=2)
+    size = 16 * cfg.batch_size  # whole parser batches per task: each sentence meets the batch it would in one process
+    chunks = [([s for _, _, s in jobs[i:i + size]], cfg.batch_size) for i in range(0, len(jobs), size)]
+    processes = max(1, min(cfg.processes or os.cpu_count() or 1, len(chunks)))
+    bar = tqdm(total=len(jobs), unit="sent", desc=f"parse held-out text ({processes} processes)",
+               disable=not progress, mininterval=2)
     counters = Counter()
-    for (source, doc, _), parsed in zip(jobs, nlp.pipe((s for _, _, s in jobs), batch_size=cfg.batch_size)):
-        bar.update()
-        split = dev_or_test(source, doc, cfg.seed, cfg.dev_frac)
-        for item in items_of_sentence(parsed[:]):  # one sentence of ours, however the parser splits it
-            counters[source, doc] += 1
-            item.update(UID=f"natural_{source}", pairID=f"{source}:{doc}:{counters[source, doc]}",
-                        source=source, doc=doc, split=split)
-            splits[split].append(item)
-    bar.close()
+    pool = None
+    if processes > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        parsed = (items for part in (pool.map(_parse_items, chunks) if pool else map(_parse_items, chunks))
+                  for items in part)
+        for (source, doc, _), items in zip(jobs, parsed):
+            bar.update()
+            split = dev_or_test(source, doc, cfg.seed, cfg.dev_frac)
+            for item in items:  # one sentence of ours, however the parser splits it
+                counters[source, doc] += 1
+                item.update(UID=f"natural_{source}", pairID=f"{source}:{doc}:{counters[source, doc]}",
+                            source=source, doc=doc, split=split)
+                splits[split].append(item)
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.shutdown()
     for source, doc, _ in docs:
         n_docs[source, dev_or_test(source, doc, cfg.seed, cfg.dev_frac)] += 1
     stats = {"sentences_parsed": len(jobs), "parse_seconds": round(time.time() - t0, 1),

@@ -86,9 +86,9 @@ def test_device_of():
 
 
 def test_lstm_bias_sets_every_gate_bias_and_keeps_the_drawn_weights():
-    cfg = ModelConfig(emb_size=8, hidden_size=6, layers=2, dropout=0.0, softmax="full")
+    cfg = ModelConfig(emb_size=8, hidden_size=6, layers=2, dropout=0.0, softmax="full", lstm_bias=None)
     torch.manual_seed(0)
-    drawn = RNNModel(50, cfg)
+    drawn = RNNModel(50, cfg)  # torch's init
     torch.manual_seed(0)
     zero = RNNModel(50, cfg.model_copy(update={"lstm_bias": 0.0}))
     one = RNNModel(50, cfg.model_copy(update={"lstm_bias": 1.0}))

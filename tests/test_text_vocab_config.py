@@ -68,7 +68,9 @@ def test_repository_params_load_every_profile():
     assert default.train.attractor_weight == 4.0
     assert long.data.corpora == default.data.corpora and long.train.epochs == 2  # only training and stacking differ
     assert long.train.attractor_weight == 1.0 and (long.syntax.stack, default.syntax.stack) == (0.0, 0.5)
-    assert long.model_copy(update={"train": default.train, "syntax": default.syntax, "profile": "default"}) == default
+    assert (long.model.lstm_bias, default.model.lstm_bias) == (None, 0.0)  # torch's init, as measured
+    assert long.model_copy(update={"train": default.train, "syntax": default.syntax, "model": default.model,
+                                   "profile": "default"}) == default
     assert (learner.data.corpora, learner.prepare.max_vocab, learner.train.epochs) == (learner_text, 16000, 4)
     assert learner.train.attractor_weight == 1.0
     assert paper.data.corpora == learner_text
