@@ -88,11 +88,9 @@ def attractor_flags(ids: np.ndarray, vocab: Vocab, pairs: Iterable[tuple[str, st
     closer to the verb is its subject (the boys say *it* works), a word after to/a modal is not finite
     and one after a determiner or preposition is a noun (the end, after work): none of these is marked.
     Nouns are the ``(w, w+s)`` vocabulary pairs that are not verbs of ``pairs``."""
-    verb_words = {w for pair in pairs for w in pair}
     number = np.zeros(len(vocab), dtype=np.int8)  # noun number: 1 singular, -1 plural, 2 a stop
-    for sg, pl in morph_pairs(vocab):
-        if sg not in verb_words and pl not in verb_words:
-            number[vocab.index(sg)], number[vocab.index(pl)] = 1, -1
+    for sg, pl in noun_pairs(vocab, pairs):
+        number[vocab.index(sg)], number[vocab.index(pl)] = 1, -1
     for w in (*SINGULAR_PRONOUNS, *PLURAL_PRONOUNS, "<eos>"):
         if w in vocab:
             number[vocab.index(w)] = 2
@@ -114,8 +112,8 @@ def attractor_flags(ids: np.ndarray, vocab: Vocab, pairs: Iterable[tuple[str, st
 def margin_loss(model, features: torch.Tensor, targets: torch.Tensor, swap: torch.Tensor,
                 delta: float, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over pair-word targets of ``max(0, delta - (log P(target) - log P(swap(target))))``, each times
-    its entry of ``weights`` (same shape as ``targets``; None: 1; 0 leaves the target out), divided by the number of targets (so its
-    scale matches the per-token LM loss)."""
+    its entry of ``weights`` (same shape as ``targets``; None: 1; 0 leaves the target out), divided by the
+    number of targets (so its scale matches the per-token LM loss)."""
     other = swap[targets]
     mask = other >= 0
     if weights is not None:

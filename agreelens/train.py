@@ -430,7 +430,7 @@ def _agreement_swap(params: Params, vocab: Vocab, lines: list[str], stream: Sent
     if t.attractor_weight != 1.0:
         flags = attractor_flags(stream.ids, vocab, pairs, table)
         weights = np.where(flags, np.float32(t.attractor_weight), np.float32(1.0))
-    verbs = int((table.numpy()[stream.ids] >= 0).sum()) if not quiet else 0
+    verbs = int((table.numpy()[stream.ids] >= 0).sum()) if weights is not None and not quiet else 0  # before nouns join
     if t.noun_weight and t.agreement_loss:
         held = [w for pool in ("nouns", "location_nouns") for e in getattr(params.stimuli, pool) for w in e]
         nouns = noun_pairs(vocab, pairs, held)  # the NA task's nouns (dev and test) are never in the loss either

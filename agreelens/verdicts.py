@@ -251,7 +251,7 @@ class OperatingPoint:
             return ("error" if rule else "ok"), None
         p = 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, score))))
         if score > self.error_at:
-            if rule == NO_VERDICT and self.alone_at is not None and score <= self.alone_at and self.asks(score):
+            if rule == NO_VERDICT and self.alone_at is not None and score <= self.alone_at:  # only asked sites have it
                 return "unsure", p
             return "error", p
         if self.unsure_at is not None and score > self.unsure_at:
